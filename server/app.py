@@ -1,0 +1,96 @@
+"""The app factory: nothing is built at import; `create_app` builds, the lifespan opens."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.config import Settings
+from server.middleware import RegistryMiddleware
+from server.registry import Registry
+from server.routes import router
+from server.runner import TaskRunner
+
+logger = logging.getLogger("bgtasks")
+
+DESCRIPTION = """
+The seed's FastAPI background-task endpoints, with every task recorded in a durable registry.
+Each response carries `X-Request-ID`; `GET /requests/{id}` shows when the response left and when
+each task was queued, started and finished.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. With no settings, read them from `BGTASKS_*` environment variables."""
+    settings = settings or Settings()
+    registry = Registry(settings.data_dir, owner=uuid.uuid4().hex[:8], retention=settings.retention)
+    runner = TaskRunner(registry, delay=settings.delay, max_running=settings.max_running)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        recovered = registry.open()
+        if recovered:
+            logger.warning("finished %d tasks left unfinished by a stopped server", len(recovered))
+        restore = _log_pending_on_signal(runner)
+        logger.info(
+            "bgtasks %s serving data dir %s (delay %ss)",
+            __version__,
+            settings.data_dir,
+            settings.delay,
+        )
+        try:
+            yield
+        finally:
+            restore()
+            if runner.pending:
+                runner.log_pending(
+                    "stopped before these finished; they stay in the registry"
+                    " and are finished at the next start"
+                )
+            registry.close()
+
+    app = FastAPI(title="bgtasks", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.runner = runner
+    app.include_router(router)
+    app.add_middleware(RegistryMiddleware, registry=registry, runner=runner)
+    return app
+
+
+def _log_pending_on_signal(runner: TaskRunner) -> Callable[[], None]:
+    """Chain onto the server's SIGINT/SIGTERM handlers to log which tasks shutdown waits for."""
+    import asyncio
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(runner.log_pending, f"{signal.Signals(sig).name} received")
+        chained = previous.get(sig)
+        if callable(chained):
+            chained(sig, frame)
+        elif chained == signal.SIG_DFL:
+            signal.default_int_handler(sig, frame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, old)
+
+    return restore

@@ -1,0 +1,46 @@
+"""In-memory records of requests and their tasks; the registry persists them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QUEUED, RUNNING, DONE, FAILED, RECOVERED = "queued", "running", "done", "failed", "recovered"
+UNFINISHED = (QUEUED, RUNNING)
+STATUSES = (QUEUED, RUNNING, DONE, FAILED, RECOVERED)
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """One background task: append `line` to `file` in the data directory."""
+
+    id: str
+    request_id: str
+    seq: int
+    file: str
+    line: str
+    queued_at: float
+    status: str = QUEUED
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    data: bytes = b""
+    # Where the line was claimed in the file, committed before the write (for crash recovery).
+    inode: int | None = None
+    offset: int | None = None
+    claim: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.id} ({self.line!r} -> {self.file})"
+
+
+@dataclass(slots=True, eq=False)
+class RequestRecord:
+    """One HTTP request that may have queued tasks."""
+
+    id: str
+    method: str
+    path: str
+    received_at: float
+    status_code: int | None = None
+    response_sent_at: float | None = None
+    tasks: list[TaskRecord] = field(default_factory=list)

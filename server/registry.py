@@ -1,0 +1,645 @@
+"""The task registry: SQLite (WAL) in the data directory, shared by every worker and the CLI.
+
+One writer thread per process owns the write connection and the data files. Each cycle it takes
+everything queued since the last one and, in a single transaction, inserts new intents, applies
+state changes and claims the file offsets of the lines about to be written; after the commit it
+appends those lines (one `os.write` each, under an exclusive `flock` of the file) and wakes the
+waiters. So a response waits for one group commit, never for a commit of its own, and a line is
+only written once its offset is durable: after a `kill -9`, `recover_dead_owners` can tell a
+written line from a lost one by reading the bytes at the claimed offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.paths import owners_dir, registry_path
+from server.records import (
+    DONE,
+    FAILED,
+    RECOVERED,
+    RequestRecord,
+    TaskRecord,
+)
+
+logger = logging.getLogger("bgtasks.registry")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    response_sent_at REAL,
+    status_code INTEGER
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    file TEXT NOT NULL,
+    line TEXT NOT NULL,
+    status TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    inode INTEGER,
+    write_offset INTEGER,
+    claim INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks(request_id);
+CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks(owner) WHERE status IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('claim', 0);
+"""
+
+TASK_COLUMNS = "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, error"
+REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
+
+# Files are opened for appending and reading (recovery reads back what it finds at an offset),
+# never through a symlink, so the service cannot be led to write outside its data directory.
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+PRUNE_EVERY = 500
+
+
+class RegistryError(RuntimeError):
+    """The registry could not commit: the work was not accepted."""
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the registry database with the pragmas every connection needs."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    else:
+        conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash (kill -9); only power loss can undo a commit.
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@dataclass(slots=True)
+class _Append:
+    task: TaskRecord
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+class DataFiles:
+    """Long-lived O_APPEND descriptors, reopened when the file is removed or replaced."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._dir = data_dir
+        self._fds: dict[str, int] = {}
+
+    def lock(self, name: str) -> tuple[int, int, int]:
+        """Lock `name` exclusively and return (fd, inode, size). Raises OSError."""
+        path = self._dir / name
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(path, _OPEN_FLAGS, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        try:
+            current = os.stat(path, follow_symlinks=False)
+            same = (current.st_ino, current.st_dev) == (st.st_ino, st.st_dev)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._close(name)
+            fd = self._fds[name] = os.open(path, _OPEN_FLAGS, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+        return fd, st.st_ino, st.st_size
+
+    def unlock(self, name: str) -> None:
+        fd = self._fds.get(name)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _close(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        for name in list(self._fds):
+            self._close(name)
+
+
+def _resolve(items: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for future, error in items:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Registry:
+    """Persist requests and tasks, append lines, and recover the work of crashed processes."""
+
+    def __init__(self, data_dir: Path, *, owner: str, retention: int) -> None:
+        self.data_dir = data_dir
+        self.owner = owner
+        self.retention = retention
+        self._db_path = registry_path(data_dir)
+        self._files = DataFiles(data_dir)
+        self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._owner_fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._intents: list[RequestRecord] = []
+        self._waiters: list[_Waiter] = []
+        self._request_notes: dict[str, RequestRecord] = {}
+        self._task_notes: dict[str, TaskRecord] = {}
+        self._appends: list[_Append] = []
+        self._since_prune = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> list[TaskRecord]:
+        """Create the schema, claim this process's owner lock, recover crashed owners' tasks
+        and start the writer. Returns the recovered tasks."""
+        self._db_path.parent.mkdir(parents=True, exist_ok=True)
+        owners = owners_dir(self.data_dir)
+        owners.mkdir(parents=True, exist_ok=True)
+        self._owner_fd = os.open(owners / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+        self._conn = connect(self._db_path)
+        self._conn.executescript(SCHEMA)
+        recovered = self.recover_dead_owners()
+        self._reader = connect(self._db_path, readonly=True)
+        self._thread = threading.Thread(target=self._run, name="bgtasks-registry", daemon=True)
+        self._thread.start()
+        return recovered
+
+    def close(self) -> None:
+        """Flush every pending change, stop the writer and release the owner lock."""
+        if self._thread is not None:
+            with self._lock:
+                self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        for conn in (self._conn, self._reader):
+            if conn is not None:
+                conn.close()
+        self._conn = self._reader = None
+        self._files.close()
+        if self._owner_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(owners_dir(self.data_dir) / f"{self.owner}.lock")
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    # -- what the event loop calls -----------------------------------------------------------
+
+    async def commit_intents(self, request: RequestRecord) -> None:
+        """Durably record `request` and its queued tasks; returns after the group commit."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._intents.append(request)
+            self._waiters.append(_Waiter(future, loop))
+        self._wake.set()
+        await future
+
+    def note_request(self, request: RequestRecord) -> None:
+        """Record the request's status and response time at the next commit (not awaited)."""
+        with self._lock:
+            self._request_notes[request.id] = request
+        self._wake.set()
+
+    def note_task(self, task: TaskRecord) -> None:
+        """Record the task's current state at the next commit (not awaited)."""
+        with self._lock:
+            self._task_notes[task.id] = task
+        self._wake.set()
+
+    async def append(self, task: TaskRecord) -> None:
+        """Claim an offset for the task's line, commit the claim, write the line; the writer
+        marks the task done. Raises OSError or RegistryError if the line was not written."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._appends.append(_Append(task, future, loop))
+        self._wake.set()
+        await future
+
+    # -- reads (any thread that owns its own connection; the API uses the reader) ------------
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        conn = self._require(self._reader)
+        row = conn.execute(
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (request_id,)
+        ).fetchone()
+        tasks = conn.execute(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE request_id = ? ORDER BY rowid", (request_id,)
+        ).fetchall()
+        if row is None and not tasks:
+            return None
+        result: dict[str, Any] = dict(row) if row is not None else {"id": request_id}
+        result["tasks"] = [dict(t) for t in tasks]
+        return result
+
+    def list_tasks(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        conn = self._require(self._reader)
+        if status is None:
+            rows = conn.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY rowid DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = conn.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = ? ORDER BY rowid DESC LIMIT ?",
+                (status, limit),
+            )
+        return [dict(r) for r in rows]
+
+    def count_unfinished(self) -> int:
+        conn = self._require(self._reader)
+        row = conn.execute(
+            "SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')"
+        ).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _require(conn: sqlite3.Connection | None) -> sqlite3.Connection:
+        if conn is None:
+            raise RegistryError("the registry is not open")
+        return conn
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                self._wake.clear()
+                intents, self._intents = self._intents, []
+                waiters, self._waiters = self._waiters, []
+                request_notes, self._request_notes = self._request_notes, {}
+                task_notes, self._task_notes = self._task_notes, {}
+                appends, self._appends = self._appends, []
+                stopping = self._stopping
+            if intents or request_notes or task_notes or appends:
+                try:
+                    self._cycle(intents, waiters, request_notes, task_notes, appends)
+                except Exception:  # the writer must outlive any single bad cycle
+                    logger.exception("registry writer cycle failed")
+            if stopping:
+                with self._lock:
+                    idle = not (
+                        self._intents or self._request_notes or self._task_notes or self._appends
+                    )
+                if idle:
+                    return
+
+    def _cycle(
+        self,
+        intents: list[RequestRecord],
+        waiters: list[_Waiter],
+        request_notes: dict[str, RequestRecord],
+        task_notes: dict[str, TaskRecord],
+        appends: list[_Append],
+    ) -> None:
+        conn = self._require(self._conn)
+        outcomes: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]
+        ] = {}
+
+        def settle(
+            loop: asyncio.AbstractEventLoop,
+            future: asyncio.Future[None],
+            error: BaseException | None,
+        ) -> None:
+            outcomes.setdefault(loop, []).append((future, error))
+
+        by_file: dict[str, list[_Append]] = {}
+        for item in appends:
+            by_file.setdefault(item.task.file, []).append(item)
+        locked: list[tuple[str, int, list[_Append]]] = []
+        try:
+            for name, items in by_file.items():
+                try:
+                    fd, inode, offset = self._files.lock(name)
+                except OSError as exc:
+                    for item in items:
+                        settle(item.loop, item.future, exc)
+                    continue
+                for item in items:
+                    item.task.inode, item.task.offset = inode, offset
+                    offset += len(item.task.data)
+                locked.append((name, fd, items))
+            claimed = [item.task for _, _, items in locked for item in items]
+            try:
+                self._commit(conn, intents, request_notes, task_notes, claimed)
+            except sqlite3.Error as exc:
+                error = RegistryError(f"task registry unavailable: {exc}")
+                for waiter in waiters:
+                    settle(waiter.loop, waiter.future, error)
+                for _, _, items in locked:
+                    for item in items:
+                        settle(item.loop, item.future, error)
+                locked_items: tuple[tuple[str, int, list[_Append]], ...] = ()
+                # State changes are retried with the next cycle; intents were refused above.
+                with self._lock:
+                    for key, req in request_notes.items():
+                        self._request_notes.setdefault(key, req)
+                    for key, task in task_notes.items():
+                        self._task_notes.setdefault(key, task)
+            else:
+                for waiter in waiters:
+                    settle(waiter.loop, waiter.future, None)
+                locked_items = tuple(locked)
+            done: list[TaskRecord] = []
+            for _, fd, items in locked_items:
+                for item in items:
+                    try:
+                        written = os.write(fd, item.task.data)
+                        if written != len(item.task.data):
+                            raise OSError(f"short write: {written} of {len(item.task.data)} bytes")
+                    except OSError as exc:
+                        settle(item.loop, item.future, exc)
+                        continue
+                    item.task.status, item.task.finished_at = DONE, time.time()
+                    done.append(item.task)
+                    settle(item.loop, item.future, None)
+        finally:
+            for name, _, _ in locked:
+                self._files.unlock(name)
+        if done:
+            with self._lock:
+                for task in done:
+                    self._task_notes[task.id] = task
+            self._wake.set()
+        for loop, settled in outcomes.items():
+            with contextlib.suppress(RuntimeError):  # the loop may be closed at shutdown
+                loop.call_soon_threadsafe(_resolve, settled)
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        intents: list[RequestRecord],
+        request_notes: dict[str, RequestRecord],
+        task_notes: dict[str, TaskRecord],
+        claimed: list[TaskRecord],
+    ) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if intents:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (r.id, r.method, r.path, r.received_at, r.response_sent_at, r.status_code)
+                        for r in intents
+                    ],
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO tasks (id, request_id, seq, owner, file, line, status,"
+                    " queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            t.id,
+                            t.request_id,
+                            t.seq,
+                            self.owner,
+                            t.file,
+                            t.line,
+                            t.status,
+                            t.queued_at,
+                        )
+                        for r in intents
+                        for t in r.tasks
+                    ],
+                )
+            if request_notes:
+                conn.executemany(
+                    "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+                    " response_sent_at = excluded.response_sent_at,"
+                    " status_code = excluded.status_code",
+                    [
+                        (r.id, r.method, r.path, r.received_at, r.response_sent_at, r.status_code)
+                        for r in request_notes.values()
+                    ],
+                )
+            if claimed:
+                self._claim(conn, claimed)
+            if task_notes:
+                conn.executemany(
+                    "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, error = ?"
+                    " WHERE id = ?",
+                    [
+                        (t.status, t.started_at, t.finished_at, t.error, t.id)
+                        for t in task_notes.values()
+                    ],
+                )
+            self._since_prune += len(intents) + len(request_notes)
+            if self._since_prune >= PRUNE_EVERY:
+                self._since_prune = 0
+                self._prune(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _claim(conn: sqlite3.Connection, tasks: list[TaskRecord]) -> None:
+        """Give each task the next claim number and store where its line goes."""
+        row = conn.execute(
+            "UPDATE counters SET value = value + ? WHERE name = 'claim' RETURNING value",
+            (len(tasks),),
+        ).fetchone()
+        first = int(row[0]) - len(tasks) + 1
+        for number, task in enumerate(tasks, start=first):
+            task.claim = number
+        conn.executemany(
+            "UPDATE tasks SET inode = ?, write_offset = ?, claim = ? WHERE id = ?",
+            [(t.inode, t.offset, t.claim, t.id) for t in tasks],
+        )
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        """Keep the newest `retention` requests; older ones go once all their tasks ended."""
+        row = conn.execute(
+            "SELECT rowid FROM requests ORDER BY rowid DESC LIMIT 1 OFFSET ?", (self.retention,)
+        ).fetchone()
+        if row is None:
+            return
+        cutoff = int(row[0])
+        conn.execute(
+            "DELETE FROM requests WHERE rowid <= ? AND NOT EXISTS (SELECT 1 FROM tasks"
+            " WHERE tasks.request_id = requests.id AND status IN ('queued', 'running'))",
+            (cutoff,),
+        )
+        conn.execute(
+            "DELETE FROM tasks WHERE status NOT IN ('queued', 'running')"
+            " AND request_id NOT IN (SELECT id FROM requests)"
+        )
+
+    # -- crash recovery ----------------------------------------------------------------------
+
+    def recover_dead_owners(self) -> list[TaskRecord]:
+        """Finish the unfinished tasks of every process that no longer holds its owner lock.
+
+        A task whose claimed bytes are already in the file is marked recovered without writing;
+        a line cut short at the end of the file is completed; anything else is written now.
+        """
+        conn = self._require(self._conn)
+        owners = [
+            row[0]
+            for row in conn.execute(
+                "SELECT DISTINCT owner FROM tasks WHERE status IN ('queued', 'running')"
+            )
+            if row[0] != self.owner
+        ]
+        recovered: list[TaskRecord] = []
+        for owner in owners:
+            path = owners_dir(self.data_dir) / f"{owner}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # alive, or being recovered by a sibling worker
+                recovered.extend(self._recover_owner(conn, owner))
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            finally:
+                os.close(fd)
+        return recovered
+
+    def _recover_owner(self, conn: sqlite3.Connection, owner: str) -> list[TaskRecord]:
+        rows = conn.execute(
+            "SELECT t.* FROM tasks t LEFT JOIN requests r ON r.id = t.request_id"
+            " WHERE t.owner = ? AND t.status IN ('queued', 'running')"
+            " ORDER BY r.rowid, t.seq",
+            (owner,),
+        ).fetchall()
+        tasks = [_task_from_row(row) for row in rows]
+        by_file: dict[str, list[TaskRecord]] = {}
+        for task in tasks:
+            by_file.setdefault(task.file, []).append(task)
+        finished: list[TaskRecord] = []
+        for name, file_tasks in by_file.items():
+            try:
+                finished.extend(self._recover_file(conn, name, file_tasks))
+            except OSError as exc:
+                for task in file_tasks:
+                    task.status, task.error = FAILED, f"recovery failed: {_describe_error(exc)}"
+                    task.finished_at = time.time()
+                    finished.append(task)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "UPDATE tasks SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+            [(t.status, t.finished_at, t.error, t.id) for t in finished],
+        )
+        conn.execute("COMMIT")
+        for task in finished:
+            logger.warning(
+                "recovered task %s of a stopped server: %s",
+                task.describe(),
+                task.status if task.error is None else task.error,
+            )
+        return finished
+
+    def _recover_file(
+        self, conn: sqlite3.Connection, name: str, tasks: list[TaskRecord]
+    ) -> list[TaskRecord]:
+        fd, inode, size = self._files.lock(name)
+        try:
+            to_write: list[tuple[TaskRecord, int]] = []  # (task, bytes already present)
+            complete: list[TaskRecord] = []
+            for task in tasks:
+                present = self._bytes_present(conn, fd, inode, size, task)
+                if present == len(task.data):
+                    complete.append(task)
+                else:
+                    to_write.append((task, present))
+            # A line cut short can only be the last thing in the file: finish it first, in place.
+            to_write.sort(key=lambda pair: pair[1] == 0)
+            offset = size
+            for task, present in to_write:
+                task.inode = inode
+                task.offset = offset - present
+                offset += len(task.data) - present
+            if to_write:
+                conn.execute("BEGIN IMMEDIATE")
+                self._claim(conn, [task for task, _ in to_write])
+                conn.execute("COMMIT")
+            for task, present in to_write:
+                rest = task.data[present:]
+                if os.write(fd, rest) != len(rest):
+                    raise OSError(f"short write while recovering {task.id}")
+            now = time.time()
+            for task in [*complete, *(task for task, _ in to_write)]:
+                task.status, task.finished_at, task.error = RECOVERED, now, None
+            return [*complete, *(task for task, _ in to_write)]
+        finally:
+            self._files.unlock(name)
+
+    @staticmethod
+    def _bytes_present(
+        conn: sqlite3.Connection, fd: int, inode: int, size: int, task: TaskRecord
+    ) -> int:
+        """How many leading bytes of the task's line are already where it claimed them."""
+        if task.claim is None or task.offset is None or task.inode != inode:
+            return 0
+        later = conn.execute(
+            "SELECT 1 FROM tasks WHERE file = ? AND inode = ? AND write_offset = ? AND claim > ?"
+            " LIMIT 1",
+            (task.file, inode, task.offset, task.claim),
+        ).fetchone()
+        if later is not None:
+            return 0  # another line claimed the same offset later, so this one never got there
+        found = os.pread(fd, len(task.data), task.offset)
+        if found == task.data:
+            return len(found)
+        if found and task.data.startswith(found) and task.offset + len(found) == size:
+            return len(found)
+        return 0
+
+
+def _task_from_row(row: sqlite3.Row) -> TaskRecord:
+    return TaskRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        seq=row["seq"],
+        file=row["file"],
+        line=row["line"],
+        queued_at=row["queued_at"],
+        status=row["status"],
+        started_at=row["started_at"],
+        data=row["line"].encode(),
+        inode=row["inode"],
+        offset=row["write_offset"],
+        claim=row["claim"],
+    )

@@ -1,0 +1,175 @@
+"""HTTP routes: the seed's three endpoints and the registry's read API. Thin on purpose."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from server import __version__, lines
+from server.middleware import SCOPE_KEY
+from server.records import STATUSES, RequestRecord
+from server.registry import Registry
+from server.runner import TaskRunner
+from server.validation import Email, Text
+
+NOTIFICATION_SENT = "Message sent"
+README_QUEUED = "任务已在后台运行"
+README_UPDATED = "README.md更新成功"
+NO_QUERY = "q was not given: nothing was queued and README.md is unchanged"
+
+Status = Literal["queued", "running", "done", "failed", "recovered"]
+assert set(STATUSES) == {"queued", "running", "done", "failed", "recovered"}
+
+
+class Message(BaseModel):
+    message: str = Field(examples=[NOTIFICATION_SENT])
+
+
+class TaskOut(BaseModel):
+    id: str = Field(examples=["3f2a9c1b-7"])
+    request_id: str
+    seq: int = Field(description="Position among the request's tasks; they run in this order.")
+    file: str = Field(examples=["log.txt"])
+    line: str = Field(examples=["message to user@example.com\n"])
+    status: Status
+    queued_at: float = Field(description="Unix time, seconds.")
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+
+class RequestOut(BaseModel):
+    id: str
+    method: str | None = None
+    path: str | None = None
+    received_at: float | None = None
+    response_sent_at: float | None = Field(
+        None, description="When the response's last byte was handed to the server."
+    )
+    status_code: int | None = None
+    tasks: list[TaskOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str = Field(examples=[__version__])
+    data_dir: str
+    delay: float
+    unfinished_tasks: int
+    pid: int
+
+
+class TaskQueue:
+    """What an endpoint uses to queue a line: FastAPI's BackgroundTasks plus the registry."""
+
+    def __init__(self, background: BackgroundTasks, record: RequestRecord, runner: TaskRunner):
+        self._background = background
+        self._record = record
+        self._runner = runner
+
+    def append_line(self, target: tuple[str, str]) -> None:
+        file, line = target
+        task = self._runner.new_task(self._record, file, line)
+        self._background.add_task(self._runner.run, task)
+
+
+async def get_task_queue(request: Request, background_tasks: BackgroundTasks) -> TaskQueue:
+    return TaskQueue(background_tasks, request.scope[SCOPE_KEY], request.app.state.runner)
+
+
+async def get_registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+Tasks = Annotated[TaskQueue, Depends(get_task_queue)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+QText = Annotated[
+    Text | None,
+    Query(description="1–500 characters, no control characters.", examples=["hello"]),
+]
+
+router = APIRouter()
+
+
+async def get_query(tasks: Tasks, q: QText = None) -> str | None:
+    """The seed's dependency: queue `found query: {q}` before the endpoint's own task."""
+    if q:
+        tasks.append_line(lines.found_query(q))
+    return q
+
+
+async def continue_write_readme(tasks: Tasks, q: QText = None) -> str | None:
+    """The seed's dependency: queue the intro paragraph when q is given."""
+    if q:
+        tasks.append_line(lines.intro_paragraph())
+    return q
+
+
+@router.post("/send-notification/{email}", response_model=Message, tags=["seed"])
+async def send_notification(
+    email: Annotated[Email, Path(examples=["user@example.com"])],
+    tasks: Tasks,
+    q: Annotated[str | None, Depends(get_query)],
+) -> Any:
+    """Queue `message to {email}` (after `found query: {q}` when q is given) for log.txt."""
+    tasks.append_line(lines.message_to(email))
+    return {"message": NOTIFICATION_SENT}
+
+
+@router.post("/background_tasks", response_model=Message, tags=["seed"])
+async def run_bg_task(
+    framework: Annotated[
+        Text, Query(description="1–500 characters, no control characters.", examples=["FastAPI"])
+    ],
+    tasks: Tasks,
+) -> Any:
+    """Queue `\\n## {framework} 框架精讲` for README.md."""
+    tasks.append_line(lines.framework_heading(framework))
+    return {"message": README_QUEUED}
+
+
+@router.post("/dependency/background_tasks", response_model=Message, tags=["seed"])
+async def dependency_run_bg_task(
+    q: Annotated[str | None, Depends(continue_write_readme)],
+) -> Any:
+    """Queue the intro paragraph for README.md when q is given; without q nothing is queued."""
+    return {"message": README_UPDATED if q else NO_QUERY}
+
+
+@router.get("/requests/{request_id}", response_model=RequestOut, tags=["registry"])
+async def get_request(
+    request_id: Annotated[str, Path(max_length=128)], registry: RegistryDep
+) -> Any:
+    """A request with its tasks and their times."""
+    found = registry.get_request(request_id)
+    if found is None:
+        raise HTTPException(404, f"no request {request_id!r} in the registry")
+    return found
+
+
+@router.get("/tasks", response_model=list[TaskOut], tags=["registry"])
+async def list_tasks(
+    registry: RegistryDep,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> Any:
+    """Recent tasks, newest first."""
+    return registry.list_tasks(status, limit)
+
+
+@router.get("/health", response_model=Health, tags=["registry"])
+async def health(request: Request, registry: RegistryDep) -> Any:
+    """Liveness, version, data directory and the number of unfinished tasks."""
+    import os
+
+    settings = request.app.state.settings
+    return Health(
+        version=__version__,
+        data_dir=str(settings.data_dir),
+        delay=settings.delay,
+        unfinished_tasks=registry.count_unfinished(),
+        pid=os.getpid(),
+    )
