@@ -1,12 +1,12 @@
 """The task registry: SQLite (WAL) in the data directory, shared by every worker and the CLI.
 
-One writer thread per process owns the write connection and the data files. Each cycle it takes
-everything queued since the last one and, in a single transaction, inserts new intents, applies
-state changes and claims the file offsets of the lines about to be written; after the commit it
-appends those lines (one `os.write` each, under an exclusive `flock` of the file) and wakes the
-waiters. So a response waits for one group commit, never for a commit of its own, and a line is
-only written once its offset is durable: after a `kill -9`, `recover_dead_owners` can tell a
-written line from a lost one by reading the bytes at the claimed offset.
+Each process has one write connection, used on the event loop. Everything queued during one turn
+of the loop (new intents, state changes, lines to append) is flushed at the next turn in a single
+transaction, which also claims the file offsets of the lines about to be written; after the
+commit the lines are appended (one `os.write` each, under an exclusive `flock` of the file) and
+the waiters wake. So a response waits for one group commit, never for a commit of its own, and a
+line is only written once its offset is durable: after a `kill -9`, `recover_dead_owners` can
+tell a written line from a lost one by reading the bytes at the claimed offset.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +89,6 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-@dataclass(slots=True)
-class _Append:
-    task: TaskRecord
-    future: asyncio.Future[None]
-    loop: asyncio.AbstractEventLoop
-
-
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[None]
-    loop: asyncio.AbstractEventLoop
-
-
 class DataFiles:
     """Long-lived O_APPEND descriptors, reopened when the file is removed or replaced."""
 
@@ -147,14 +132,13 @@ class DataFiles:
             self._close(name)
 
 
-def _resolve(items: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
-    for future, error in items:
-        if future.done():
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return  # cancelled at a shutdown timeout
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -173,22 +157,19 @@ class Registry:
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._owner_fd: int | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = False
+        self._flush_handle: asyncio.Handle | None = None
         self._intents: list[RequestRecord] = []
-        self._waiters: list[_Waiter] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._request_notes: dict[str, RequestRecord] = {}
         self._task_notes: dict[str, TaskRecord] = {}
-        self._appends: list[_Append] = []
+        self._appends: list[tuple[TaskRecord, asyncio.Future[None]]] = []
         self._since_prune = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> list[TaskRecord]:
-        """Create the schema, claim this process's owner lock, recover crashed owners' tasks
-        and start the writer. Returns the recovered tasks."""
+        """Create the schema, claim this process's owner lock and recover crashed owners'
+        tasks. Returns the recovered tasks."""
         self._db_path.parent.mkdir(parents=True, exist_ok=True)
         owners = owners_dir(self.data_dir)
         owners.mkdir(parents=True, exist_ok=True)
@@ -198,18 +179,15 @@ class Registry:
         self._conn.executescript(SCHEMA)
         recovered = self.recover_dead_owners()
         self._reader = connect(self._db_path, readonly=True)
-        self._thread = threading.Thread(target=self._run, name="bgtasks-registry", daemon=True)
-        self._thread.start()
         return recovered
 
     def close(self) -> None:
-        """Flush every pending change, stop the writer and release the owner lock."""
-        if self._thread is not None:
-            with self._lock:
-                self._stopping = True
-            self._wake.set()
-            self._thread.join()
-            self._thread = None
+        """Flush every pending change, close the database and release the owner lock."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        for _ in range(3):  # a flush that writes lines leaves their `done` for one more
+            if self._conn is not None and self._has_pending():
+                self._flush()
         for conn in (self._conn, self._reader):
             if conn is not None:
                 conn.close()
@@ -225,34 +203,28 @@ class Registry:
 
     async def commit_intents(self, request: RequestRecord) -> None:
         """Durably record `request` and its queued tasks; returns after the group commit."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            self._intents.append(request)
-            self._waiters.append(_Waiter(future, loop))
-        self._wake.set()
+        future = asyncio.get_running_loop().create_future()
+        self._intents.append(request)
+        self._waiters.append(future)
+        self._schedule()
         await future
 
     def note_request(self, request: RequestRecord) -> None:
         """Record the request's status and response time at the next commit (not awaited)."""
-        with self._lock:
-            self._request_notes[request.id] = request
-        self._wake.set()
+        self._request_notes[request.id] = request
+        self._schedule()
 
     def note_task(self, task: TaskRecord) -> None:
         """Record the task's current state at the next commit (not awaited)."""
-        with self._lock:
-            self._task_notes[task.id] = task
-        self._wake.set()
+        self._task_notes[task.id] = task
+        self._schedule()
 
     async def append(self, task: TaskRecord) -> None:
-        """Claim an offset for the task's line, commit the claim, write the line; the writer
-        marks the task done. Raises OSError or RegistryError if the line was not written."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            self._appends.append(_Append(task, future, loop))
-        self._wake.set()
+        """Claim an offset for the task's line, commit the claim, write the line and mark the
+        task done. Raises OSError or RegistryError if the line was not written."""
+        future = asyncio.get_running_loop().create_future()
+        self._appends.append((task, future))
+        self._schedule()
         await future
 
     # -- reads (any thread that owns its own connection; the API uses the reader) ------------
@@ -297,113 +269,96 @@ class Registry:
             raise RegistryError("the registry is not open")
         return conn
 
-    # -- the writer thread -------------------------------------------------------------------
+    # -- the group commit ----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            with self._lock:
-                self._wake.clear()
-                intents, self._intents = self._intents, []
-                waiters, self._waiters = self._waiters, []
-                request_notes, self._request_notes = self._request_notes, {}
-                task_notes, self._task_notes = self._task_notes, {}
-                appends, self._appends = self._appends, []
-                stopping = self._stopping
-            if intents or request_notes or task_notes or appends:
-                try:
-                    self._cycle(intents, waiters, request_notes, task_notes, appends)
-                except Exception:  # the writer must outlive any single bad cycle
-                    logger.exception("registry writer cycle failed")
-            if stopping:
-                with self._lock:
-                    idle = not (
-                        self._intents or self._request_notes or self._task_notes or self._appends
-                    )
-                if idle:
-                    return
+    def _schedule(self) -> None:
+        # Everything queued during this turn of the event loop shares the next commit.
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _has_pending(self) -> bool:
+        return bool(self._intents or self._request_notes or self._task_notes or self._appends)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        intents, self._intents = self._intents, []
+        waiters, self._waiters = self._waiters, []
+        request_notes, self._request_notes = self._request_notes, {}
+        task_notes, self._task_notes = self._task_notes, {}
+        appends, self._appends = self._appends, []
+        try:
+            self._cycle(intents, waiters, request_notes, task_notes, appends)
+        except Exception as exc:  # never leave a waiter hanging
+            logger.exception("registry flush failed")
+            for future in [*waiters, *(future for _, future in appends)]:
+                _settle(future, RegistryError(f"task registry flush failed: {exc}"))
 
     def _cycle(
         self,
         intents: list[RequestRecord],
-        waiters: list[_Waiter],
+        waiters: list[asyncio.Future[None]],
         request_notes: dict[str, RequestRecord],
         task_notes: dict[str, TaskRecord],
-        appends: list[_Append],
+        appends: list[tuple[TaskRecord, asyncio.Future[None]]],
     ) -> None:
         conn = self._require(self._conn)
-        outcomes: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]
-        ] = {}
-
-        def settle(
-            loop: asyncio.AbstractEventLoop,
-            future: asyncio.Future[None],
-            error: BaseException | None,
-        ) -> None:
-            outcomes.setdefault(loop, []).append((future, error))
-
-        by_file: dict[str, list[_Append]] = {}
-        for item in appends:
-            by_file.setdefault(item.task.file, []).append(item)
-        locked: list[tuple[str, int, list[_Append]]] = []
+        by_file: dict[str, list[tuple[TaskRecord, asyncio.Future[None]]]] = {}
+        for task, future in appends:
+            by_file.setdefault(task.file, []).append((task, future))
+        locked: list[tuple[str, int, list[tuple[TaskRecord, asyncio.Future[None]]]]] = []
+        done: list[TaskRecord] = []
         try:
             for name, items in by_file.items():
                 try:
                     fd, inode, offset = self._files.lock(name)
                 except OSError as exc:
-                    for item in items:
-                        settle(item.loop, item.future, exc)
+                    for _, future in items:
+                        _settle(future, exc)
                     continue
-                for item in items:
-                    item.task.inode, item.task.offset = inode, offset
-                    offset += len(item.task.data)
+                for task, _ in items:
+                    task.inode, task.offset = inode, offset
+                    offset += len(task.data)
                 locked.append((name, fd, items))
-            claimed = [item.task for _, _, items in locked for item in items]
             try:
-                self._commit(conn, intents, request_notes, task_notes, claimed)
+                self._commit(
+                    conn,
+                    intents,
+                    request_notes,
+                    task_notes,
+                    [task for _, _, items in locked for task, _ in items],
+                )
             except sqlite3.Error as exc:
                 error = RegistryError(f"task registry unavailable: {exc}")
-                for waiter in waiters:
-                    settle(waiter.loop, waiter.future, error)
-                for _, _, items in locked:
-                    for item in items:
-                        settle(item.loop, item.future, error)
-                locked_items: tuple[tuple[str, int, list[_Append]], ...] = ()
-                # State changes are retried with the next cycle; intents were refused above.
-                with self._lock:
-                    for key, req in request_notes.items():
-                        self._request_notes.setdefault(key, req)
-                    for key, task in task_notes.items():
-                        self._task_notes.setdefault(key, task)
-            else:
-                for waiter in waiters:
-                    settle(waiter.loop, waiter.future, None)
-                locked_items = tuple(locked)
-            done: list[TaskRecord] = []
-            for _, fd, items in locked_items:
-                for item in items:
+                for future in [*waiters, *(f for _, _, items in locked for _, f in items)]:
+                    _settle(future, error)
+                # State changes are retried at the next commit; intents were refused above.
+                for key, request in request_notes.items():
+                    self._request_notes.setdefault(key, request)
+                for key, task in task_notes.items():
+                    self._task_notes.setdefault(key, task)
+                return
+            for future in waiters:
+                _settle(future, None)
+            for _, fd, items in locked:
+                for task, future in items:
                     try:
-                        written = os.write(fd, item.task.data)
-                        if written != len(item.task.data):
-                            raise OSError(f"short write: {written} of {len(item.task.data)} bytes")
+                        written = os.write(fd, task.data)
+                        if written != len(task.data):
+                            raise OSError(f"short write: {written} of {len(task.data)} bytes")
                     except OSError as exc:
-                        settle(item.loop, item.future, exc)
+                        _settle(future, exc)
                         continue
-                    item.task.status, item.task.finished_at = DONE, time.time()
-                    done.append(item.task)
-                    settle(item.loop, item.future, None)
+                    task.status, task.finished_at = DONE, time.time()
+                    done.append(task)
+                    _settle(future, None)
         finally:
             for name, _, _ in locked:
                 self._files.unlock(name)
-        if done:
-            with self._lock:
-                for task in done:
-                    self._task_notes[task.id] = task
-            self._wake.set()
-        for loop, settled in outcomes.items():
-            with contextlib.suppress(RuntimeError):  # the loop may be closed at shutdown
-                loop.call_soon_threadsafe(_resolve, settled)
+            for task in done:
+                self._task_notes[task.id] = task
+            if done and self._flush_handle is None:
+                with contextlib.suppress(RuntimeError):  # no loop while closing
+                    self._schedule()
 
     def _commit(
         self,

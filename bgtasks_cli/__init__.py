@@ -1,0 +1,1 @@
+"""The `bgtasks` command-line interface."""
