@@ -14,8 +14,16 @@ OWNERS_DIR = "owners"
 
 
 def default_data_dir() -> Path:
-    """The data directory: `BGTASKS_DATA_DIR`, else the per-user state directory."""
+    """The data directory: `BGTASKS_DATA_DIR`, else `data/` in the per-user state directory."""
     env = os.environ.get("BGTASKS_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return user_state_dir() / "data"
+
+
+def user_state_dir() -> Path:
+    """Per-user state (`~/.local/state/bgtasks` on Linux); `BGTASKS_STATE_DIR` overrides it."""
+    env = os.environ.get("BGTASKS_STATE_DIR")
     if env:
         return Path(env).expanduser()
     from platformdirs import user_state_path

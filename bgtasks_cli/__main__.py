@@ -1,0 +1,3 @@
+from bgtasks_cli.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The CLI's one exception family. Each kind carries its exit code; click's error boundary
+prints it as one red line (plus a hint) on stderr, never a traceback.
+
+    BgtasksError            exit 1  a request or task failed, or did not finish in time
+    ├── InvalidInput        exit 2  the server refused the input (422), or a bad option
+    ├── ServerUnreachable   exit 3  nothing answers at the URL
+    └── ServeError          exit 4  `serve` could not start (port taken, data dir not writable)
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+import click
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_SERVE = 4
+
+
+class BgtasksError(click.ClickException):
+    """An expected failure: shown as one red line and a hint, with a distinct exit code."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(f"[bold red]Error:[/] {self.message}", markup=True, emoji=False)
+        if self.hint:
+            console.print(f"[dim]hint: {self.hint}[/]", emoji=False)
+
+
+class InvalidInput(BgtasksError):
+    exit_code = EXIT_USAGE
+
+
+class ServerUnreachable(BgtasksError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class ServeError(BgtasksError):
+    exit_code = EXIT_SERVE
