@@ -31,7 +31,12 @@ each task was queued, started and finished.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. With no settings, read them from `BGTASKS_*` environment variables."""
     settings = settings or Settings()
-    registry = Registry(settings.data_dir, owner=uuid.uuid4().hex[:8], retention=settings.retention)
+    registry = Registry(
+        settings.data_dir,
+        owner=uuid.uuid4().hex[:8],
+        retention=settings.retention,
+        lock_timeout=settings.lock_timeout,
+    )
     runner = TaskRunner(registry, delay=settings.delay, max_running=settings.max_running)
 
     @asynccontextmanager

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     retention: int = Field(
         10_000, ge=10, le=10_000_000, description="Finished requests kept in the registry."
     )
+    lock_timeout: float = Field(
+        5.0, gt=0, le=600, description="Seconds to wait for the registry's lock before failing."
+    )
     max_running: int = Field(
         10_000, ge=1, le=1_000_000, description="Tasks allowed to run at once; more wait."
     )

@@ -70,18 +70,23 @@ REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 # never through a symlink, so the service cannot be led to write outside its data directory.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 PRUNE_EVERY = 500
+# The write connection runs on the event loop, so it never waits long for a lock at once:
+# a busy registry is retried every RETRY_S until `lock_timeout` runs out.
+BUSY_WAIT_S = 0.05
+RETRY_S = 0.05
 
 
 class RegistryError(RuntimeError):
     """The registry could not commit: the work was not accepted."""
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the registry database with the pragmas every connection needs."""
+def connect(path: Path, *, readonly: bool = False, timeout: float = 5.0) -> sqlite3.Connection:
+    """Open the registry database with the pragmas every connection needs. `timeout` is how
+    long a statement waits for another process's lock before failing."""
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
     else:
-        conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a process crash (kill -9); only power loss can undo a commit.
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -148,16 +153,22 @@ def _describe_error(exc: BaseException) -> str:
 class Registry:
     """Persist requests and tasks, append lines, and recover the work of crashed processes."""
 
-    def __init__(self, data_dir: Path, *, owner: str, retention: int) -> None:
+    def __init__(
+        self, data_dir: Path, *, owner: str, retention: int, lock_timeout: float = 5.0
+    ) -> None:
         self.data_dir = data_dir
         self.owner = owner
         self.retention = retention
+        self.lock_timeout = lock_timeout
+        # Prune often enough that the registry never holds more than ~10% over retention.
+        self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
         self._db_path = registry_path(data_dir)
         self._files = DataFiles(data_dir)
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._owner_fd: int | None = None
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._stalled_since: float | None = None
         self._intents: list[RequestRecord] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._request_notes: dict[str, RequestRecord] = {}
@@ -175,10 +186,12 @@ class Registry:
         owners.mkdir(parents=True, exist_ok=True)
         self._owner_fd = os.open(owners / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
-        self._conn = connect(self._db_path)
+        self._conn = connect(self._db_path, timeout=self.lock_timeout)
         self._conn.executescript(SCHEMA)
         recovered = self.recover_dead_owners()
-        self._reader = connect(self._db_path, readonly=True)
+        busy_ms = int(min(BUSY_WAIT_S, self.lock_timeout) * 1000)
+        self._conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        self._reader = connect(self._db_path, readonly=True, timeout=self.lock_timeout)
         return recovered
 
     def close(self) -> None:
@@ -328,15 +341,9 @@ class Registry:
                     [task for _, _, items in locked for task, _ in items],
                 )
             except sqlite3.Error as exc:
-                error = RegistryError(f"task registry unavailable: {exc}")
-                for future in [*waiters, *(f for _, _, items in locked for _, f in items)]:
-                    _settle(future, error)
-                # State changes are retried at the next commit; intents were refused above.
-                for key, request in request_notes.items():
-                    self._request_notes.setdefault(key, request)
-                for key, task in task_notes.items():
-                    self._task_notes.setdefault(key, task)
+                self._stalled(exc, intents, waiters, request_notes, task_notes, appends)
                 return
+            self._stalled_since = None
             for future in waiters:
                 _settle(future, None)
             for _, fd, items in locked:
@@ -359,6 +366,37 @@ class Registry:
             if done and self._flush_handle is None:
                 with contextlib.suppress(RuntimeError):  # no loop while closing
                     self._schedule()
+
+    def _stalled(
+        self,
+        exc: sqlite3.Error,
+        intents: list[RequestRecord],
+        waiters: list[asyncio.Future[None]],
+        request_notes: dict[str, RequestRecord],
+        task_notes: dict[str, TaskRecord],
+        appends: list[tuple[TaskRecord, asyncio.Future[None]]],
+    ) -> None:
+        """The commit failed (usually another process holds the lock): retry shortly, and after
+        `lock_timeout` refuse the waiting intents and appends. State changes are never dropped."""
+        now = time.monotonic()
+        if self._stalled_since is None:
+            self._stalled_since = now
+            logger.warning("task registry busy (%s); retrying", exc)
+        if now - self._stalled_since >= self.lock_timeout:
+            error = RegistryError(f"task registry unavailable: {exc}")
+            for future in [*waiters, *(future for _, future in appends)]:
+                _settle(future, error)
+            self._stalled_since = now
+        else:
+            self._intents[:0] = intents
+            self._waiters[:0] = waiters
+            self._appends[:0] = appends
+        for key, request in request_notes.items():
+            self._request_notes.setdefault(key, request)
+        for key, task in task_notes.items():
+            self._task_notes.setdefault(key, task)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_S, self._flush)
 
     def _commit(
         self,
@@ -418,7 +456,7 @@ class Registry:
                     ],
                 )
             self._since_prune += len(intents) + len(request_notes)
-            if self._since_prune >= PRUNE_EVERY:
+            if self._since_prune >= self._prune_every:
                 self._since_prune = 0
                 self._prune(conn)
             conn.execute("COMMIT")
@@ -469,16 +507,18 @@ class Registry:
         a line cut short at the end of the file is completed; anything else is written now.
         """
         conn = self._require(self._conn)
-        owners = [
+        directory = owners_dir(self.data_dir)
+        owners = {
             row[0]
             for row in conn.execute(
                 "SELECT DISTINCT owner FROM tasks WHERE status IN ('queued', 'running')"
             )
-            if row[0] != self.owner
-        ]
+        }
+        owners.update(path.stem for path in directory.glob("*.lock"))
+        owners.discard(self.owner)
         recovered: list[TaskRecord] = []
-        for owner in owners:
-            path = owners_dir(self.data_dir) / f"{owner}.lock"
+        for owner in sorted(owners):
+            path = directory / f"{owner}.lock"
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 try:
