@@ -27,6 +27,10 @@ class Message(BaseModel):
     message: str = Field(examples=[NOTIFICATION_SENT])
 
 
+class Detail(BaseModel):
+    detail: str
+
+
 class TaskOut(BaseModel):
     id: str = Field(examples=["3f2a9c1b-7"])
     request_id: str
@@ -92,6 +96,12 @@ QText = Annotated[
 ]
 
 router = APIRouter()
+REFUSED = {
+    503: {
+        "model": Detail,
+        "description": "The task registry could not record the work: nothing was queued.",
+    }
+}
 
 
 async def get_query(tasks: Tasks, q: QText = None) -> str | None:
@@ -108,7 +118,7 @@ async def continue_write_readme(tasks: Tasks, q: QText = None) -> str | None:
     return q
 
 
-@router.post("/send-notification/{email}", response_model=Message, tags=["seed"])
+@router.post("/send-notification/{email}", response_model=Message, responses=REFUSED, tags=["seed"])
 async def send_notification(
     email: Annotated[Email, Path(examples=["user@example.com"])],
     tasks: Tasks,
@@ -119,7 +129,7 @@ async def send_notification(
     return {"message": NOTIFICATION_SENT}
 
 
-@router.post("/background_tasks", response_model=Message, tags=["seed"])
+@router.post("/background_tasks", response_model=Message, responses=REFUSED, tags=["seed"])
 async def run_bg_task(
     framework: Annotated[
         Text, Query(description="1–500 characters, no control characters.", examples=["FastAPI"])
@@ -131,7 +141,9 @@ async def run_bg_task(
     return {"message": README_QUEUED}
 
 
-@router.post("/dependency/background_tasks", response_model=Message, tags=["seed"])
+@router.post(
+    "/dependency/background_tasks", response_model=Message, responses=REFUSED, tags=["seed"]
+)
 async def dependency_run_bg_task(
     q: Annotated[str | None, Depends(continue_write_readme)],
 ) -> Any:
@@ -139,7 +151,12 @@ async def dependency_run_bg_task(
     return {"message": README_UPDATED if q else NO_QUERY}
 
 
-@router.get("/requests/{request_id}", response_model=RequestOut, tags=["registry"])
+@router.get(
+    "/requests/{request_id}",
+    response_model=RequestOut,
+    responses={404: {"model": Detail, "description": "No such request in the registry."}},
+    tags=["registry"],
+)
 async def get_request(
     request_id: Annotated[str, Path(max_length=128)], registry: RegistryDep
 ) -> Any:

@@ -12,6 +12,8 @@ MAX_TEXT = 500
 
 # C0, DEL, C1 and the Unicode line/paragraph separators: anything a reader may take as a line end.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The same rule for the OpenAPI schema, so clients and fuzzers know it before they send.
+NO_CONTROL_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\u2028\u2029]*$"
 
 
 def reject_control_chars(value: str) -> str:
@@ -34,7 +36,7 @@ def check_email(value: str) -> str:
 
 Text = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_TEXT),
+    Field(min_length=1, max_length=MAX_TEXT, json_schema_extra={"pattern": NO_CONTROL_PATTERN}),
     AfterValidator(reject_control_chars),
 ]
 Email = Annotated[str, Field(json_schema_extra={"format": "email"}), AfterValidator(check_email)]

@@ -107,7 +107,8 @@ def spawn_server(
     port = free_port()
     log_path = data_dir.parent / f"server-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    state_dir = data_dir.parent / "state"
+    full_env = {**os.environ, "NO_COLOR": "1", "BGTASKS_STATE_DIR": str(state_dir), **(env or {})}
     cmd = [
         sys.executable,
         "-m",

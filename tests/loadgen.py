@@ -24,21 +24,27 @@ async def _post(host: str, port: int, path: str, timeout: float) -> tuple[int, b
         writer.close()
 
 
-async def post_all(url: str, paths: Sequence[str], *, timeout: float = 60) -> list[int | None]:
-    """POST every path at once, each on its own connection. None marks a request that got no
-    response (refused, reset or timed out)."""
+async def post_all(
+    url: str, paths: Sequence[str], *, timeout: float = 60, concurrency: int | None = None
+) -> list[int | None]:
+    """POST every path, each on its own connection, at most `concurrency` at once (default:
+    all at once). None marks a request that got no response (refused, reset or timed out)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    slots = asyncio.Semaphore(concurrency or len(paths) or 1)
 
     async def one(path: str) -> int | None:
-        try:
-            status, _ = await _post(host, port, path, timeout)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            return None
-        return status
+        async with slots:
+            try:
+                status, _ = await _post(host, port, path, timeout)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                return None
+            return status
 
     return list(await asyncio.gather(*(one(p) for p in paths)))
 
 
-def post_concurrently(url: str, paths: Sequence[str], *, timeout: float = 60) -> list[int | None]:
-    return asyncio.run(post_all(url, paths, timeout=timeout))
+def post_concurrently(
+    url: str, paths: Sequence[str], *, timeout: float = 60, concurrency: int | None = None
+) -> list[int | None]:
+    return asyncio.run(post_all(url, paths, timeout=timeout, concurrency=concurrency))

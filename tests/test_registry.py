@@ -1,0 +1,194 @@
+"""Crash recovery and retention of the registry, on real files and a real SQLite database."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from server.paths import owners_dir, registry_path
+from server.registry import SCHEMA, Registry
+
+
+def make_db(data_dir: Path) -> sqlite3.Connection:
+    path = registry_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def add_task(
+    conn: sqlite3.Connection,
+    task_id: str,
+    line: str,
+    *,
+    owner: str = "dead",
+    status: str = "running",
+    file: str = "log.txt",
+    inode: int | None = None,
+    offset: int | None = None,
+    claim: int | None = None,
+    seq: int = 0,
+) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO requests VALUES (?, 'POST', '/x', 1.0, 1.1, 200)", (f"r-{task_id}",)
+    )
+    conn.execute(
+        "INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at, inode,"
+        " write_offset, claim) VALUES (?, ?, ?, ?, ?, ?, ?, 1.0, ?, ?, ?)",
+        (task_id, f"r-{task_id}", seq, owner, file, line, status, inode, offset, claim),
+    )
+
+
+def status_of(conn: sqlite3.Connection, task_id: str) -> str:
+    return str(conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0])
+
+
+def recover(data_dir: Path) -> list[str]:
+    registry = Registry(data_dir, owner="fresh", retention=100)
+    try:
+        return [task.id for task in registry.open()]
+    finally:
+        registry.close()
+
+
+def test_queued_task_of_a_dead_server_is_written_once(tmp_path: Path) -> None:
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "found query: a\n", status="queued")
+    add_task(conn, "t2", "message to a@example.com\n", status="queued", seq=1)
+    assert recover(tmp_path) == ["t1", "t2"]
+    assert (tmp_path / "log.txt").read_bytes() == b"found query: a\nmessage to a@example.com\n"
+    assert status_of(conn, "t1") == status_of(conn, "t2") == "recovered"
+    assert recover(tmp_path) == []  # idempotent: nothing left to do
+    assert (tmp_path / "log.txt").read_bytes().count(b"\n") == 2
+
+
+def test_a_line_already_at_its_claimed_offset_is_not_written_again(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"earlier\nmessage to a@example.com\n")
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "message to a@example.com\n", inode=log.stat().st_ino, offset=8, claim=1)
+    assert recover(tmp_path) == ["t1"]
+    assert log.read_bytes() == b"earlier\nmessage to a@example.com\n"
+    assert status_of(conn, "t1") == "recovered"
+
+
+def test_a_claimed_line_that_never_landed_is_written(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"earlier\n")
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "message to a@example.com\n", inode=log.stat().st_ino, offset=8, claim=1)
+    recover(tmp_path)
+    assert log.read_bytes() == b"earlier\nmessage to a@example.com\n"
+
+
+def test_a_line_cut_short_at_the_end_of_the_file_is_completed(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"earlier\nmessage to a@ex")
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "message to a@example.com\n", inode=log.stat().st_ino, offset=8, claim=1)
+    add_task(conn, "t2", "found query: b\n", status="queued", seq=1)
+    recover(tmp_path)
+    assert log.read_bytes() == b"earlier\nmessage to a@example.com\nfound query: b\n"
+
+
+def test_identical_bytes_from_a_later_claim_do_not_count(tmp_path: Path) -> None:
+    # t1 claimed offset 0 and died before writing; t2 (same bytes) then claimed 0 and wrote.
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"message to a@example.com\n")
+    inode = log.stat().st_ino
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "message to a@example.com\n", inode=inode, offset=0, claim=1)
+    add_task(
+        conn,
+        "t2",
+        "message to a@example.com\n",
+        owner="other",
+        status="done",
+        inode=inode,
+        offset=0,
+        claim=2,
+    )
+    recover(tmp_path)
+    assert log.read_bytes() == b"message to a@example.com\n" * 2
+
+
+def test_a_replaced_file_gets_the_line(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"message to a@example.com\n")
+    conn = make_db(tmp_path)
+    add_task(
+        conn, "t1", "message to a@example.com\n", inode=log.stat().st_ino + 1, offset=0, claim=1
+    )
+    recover(tmp_path)
+    assert log.read_bytes() == b"message to a@example.com\n" * 2
+
+
+def test_tasks_of_a_live_server_are_left_alone(tmp_path: Path) -> None:
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "found query: a\n", owner="alive", status="queued")
+    owners_dir(tmp_path).mkdir(parents=True)
+    fd = os.open(owners_dir(tmp_path) / "alive.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert recover(tmp_path) == []
+        assert status_of(conn, "t1") == "queued"
+    finally:
+        os.close(fd)
+    assert recover(tmp_path) == ["t1"]
+
+
+def test_recovery_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "log.txt").symlink_to(outside)
+    conn = make_db(data)
+    add_task(conn, "t1", "found query: a\n", status="queued")
+    recover(data)
+    assert outside.read_bytes() == b""
+    row = conn.execute("SELECT status, error FROM tasks WHERE id = 't1'").fetchone()
+    assert row[0] == "failed" and "recovery failed" in row[1]
+
+
+@pytest.mark.parametrize("retention", [10, 50])
+def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
+    import asyncio
+
+    from server.records import RequestRecord, TaskRecord
+
+    registry = Registry(tmp_path, owner="me", retention=retention)
+    registry.open()
+
+    async def fill() -> None:
+        for n in range(600):
+            request = RequestRecord(f"r{n}", "POST", "/x", float(n))
+            request.tasks.append(
+                TaskRecord(
+                    f"t{n}",
+                    request.id,
+                    0,
+                    "log.txt",
+                    f"found query: {n}\n",
+                    float(n),
+                    data=f"found query: {n}\n".encode(),
+                )
+            )
+            await registry.commit_intents(request)
+            await registry.append(request.tasks[0])
+            registry.note_request(request)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(fill())
+    registry.close()
+    conn = make_db(tmp_path)
+    requests = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+    tasks = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    assert retention <= requests <= retention * 1.1 + 1
+    assert tasks == requests
+    assert (tmp_path / "log.txt").read_bytes().count(b"\n") == 600
