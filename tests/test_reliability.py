@@ -294,7 +294,7 @@ def test_out_of_range_options_get_a_422(start_server: Callable[..., LiveServer])
 
 
 def test_schemathesis_finds_no_server_error_and_no_forged_line(
-    start_server: Callable[..., LiveServer],
+    start_server: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
     live = start_server()
     result = subprocess.run(
