@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
+from bgtasks_cli.errors import BgtasksError
 from server import __version__
 
 if TYPE_CHECKING:
@@ -20,9 +22,23 @@ if TYPE_CHECKING:
 
     from bgtasks_cli.client import Client, Outcome
 
+
+
+class BgtasksGroup(TyperGroup):
+    """The error boundary: an expected failure (`BgtasksError`) becomes one red line, a hint
+    and its exit code, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BgtasksError as exc:
+            exc.show()
+            raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
     name="bgtasks",
-    help="Drive the bgtasks service and watch FastAPI background tasks run after the response.",
+    cls=BgtasksGroup,
     no_args_is_help=True,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,

@@ -1,5 +1,5 @@
-"""The CLI's one exception family. Each kind carries its exit code; click's error boundary
-prints it as one red line (plus a hint) on stderr, never a traceback.
+"""The CLI's one exception family. Each kind carries its exit code; the app's error boundary
+(`cli.BgtasksGroup`) prints it as one red line (plus a hint) on stderr, never a traceback.
 
     BgtasksError            exit 1  a request or task failed, or did not finish in time
     ├── InvalidInput        exit 2  the server refused the input (422), or a bad option
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-import click
-
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -20,22 +18,28 @@ EXIT_UNREACHABLE = 3
 EXIT_SERVE = 4
 
 
-class BgtasksError(click.ClickException):
-    """An expected failure: shown as one red line and a hint, with a distinct exit code."""
+class BgtasksError(Exception):
+    """An expected failure: shown as one red line and a hint, with a distinct exit code.
+
+    Not a click exception: Typer vendors its own click, so it would not catch one from the
+    `click` package; and its handler would draw a boxed panel, not one line."""
 
     exit_code = EXIT_FAILED
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.hint = hint
 
     def show(self, file: IO[Any] | None = None) -> None:
         from rich.console import Console
+        from rich.text import Text
 
-        console = Console(stderr=True, highlight=False, soft_wrap=True)
-        console.print(f"[bold red]Error:[/] {self.message}", markup=True, emoji=False)
+        console = Console(file=file, stderr=file is None, highlight=False, soft_wrap=True)
+        # Text, not markup: messages hold paths and server text that may contain brackets.
+        console.print(Text.assemble(("Error:", "bold red"), " ", self.message), emoji=False)
         if self.hint:
-            console.print(f"[dim]hint: {self.hint}[/]", emoji=False)
+            console.print(Text(f"hint: {self.hint}", style="dim"), emoji=False)
 
 
 class InvalidInput(BgtasksError):

@@ -224,7 +224,7 @@ def banner(
 ) -> RenderableType:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold cyan", justify="right")
-    grid.add_column()
+    grid.add_column(overflow="fold")  # paths are shown whole, never cut to "…"
     grid.add_row("bgtasks", f"{version} serving at [link={url}]{url}[/link]")
     grid.add_row("API docs", f"{url}/docs")
     grid.add_row("data dir", str(data_dir))

@@ -319,6 +319,7 @@ def test_schemathesis_finds_no_server_error_and_no_forged_line(
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     wait_until(lambda: idle(live.url), timeout=30)
