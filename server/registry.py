@@ -481,7 +481,8 @@ class Registry:
         )
 
     def _prune(self, conn: sqlite3.Connection) -> None:
-        """Keep the newest `retention` requests; older ones go once all their tasks ended."""
+        """Keep the newest `retention` requests; older ones go once all their tasks ended.
+        Every statement walks only the rows it deletes (by rowid and the request index)."""
         row = conn.execute(
             "SELECT rowid FROM requests ORDER BY rowid DESC LIMIT 1 OFFSET ?", (self.retention,)
         ).fetchone()
@@ -489,13 +490,14 @@ class Registry:
             return
         cutoff = int(row[0])
         conn.execute(
-            "DELETE FROM requests WHERE rowid <= ? AND NOT EXISTS (SELECT 1 FROM tasks"
-            " WHERE tasks.request_id = requests.id AND status IN ('queued', 'running'))",
+            "DELETE FROM tasks WHERE status NOT IN ('queued', 'running') AND request_id IN"
+            " (SELECT id FROM requests WHERE rowid <= ?)",
             (cutoff,),
         )
         conn.execute(
-            "DELETE FROM tasks WHERE status NOT IN ('queued', 'running')"
-            " AND request_id NOT IN (SELECT id FROM requests)"
+            "DELETE FROM requests WHERE rowid <= ? AND NOT EXISTS"
+            " (SELECT 1 FROM tasks WHERE tasks.request_id = requests.id)",
+            (cutoff,),
         )
 
     # -- crash recovery ----------------------------------------------------------------------
