@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from bgtasks_cli.client import Client, Outcome
 
 
-
 class BgtasksGroup(TyperGroup):
     """The error boundary: an expected failure (`BgtasksError`) becomes one red line, a hint
     and its exit code, never a traceback."""

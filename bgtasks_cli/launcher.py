@@ -96,6 +96,11 @@ def serve(
     pid = os.getpid()
     if record_state:
         write_state(ServerState(url=url_for(host, port), pid=pid, data_dir=str(data_dir)))
+    # After a graceful stop on SIGTERM, uvicorn re-raises the signal under the handler that was
+    # in place before it ran; with the default one the process would die before `finally` and
+    # leave the state file behind. Turn it into an exception, clean up, then die of it.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    terminated = False
     try:
         uvicorn.run(
             APP_FACTORY,
@@ -107,9 +112,22 @@ def serve(
             log_config=log_config(),
             access_log=access_log,
         )
+    except _Terminated:
+        terminated = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if record_state:
             clear_state(pid)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside uvicorn's own handling (see `serve`)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def free_port() -> int:

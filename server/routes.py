@@ -96,7 +96,7 @@ QText = Annotated[
 ]
 
 router = APIRouter()
-REFUSED = {
+REFUSED: dict[int | str, dict[str, Any]] = {
     503: {
         "model": Detail,
         "description": "The task registry could not record the work: nothing was queued.",
