@@ -93,6 +93,8 @@ def serve(
     # Workers are separate processes that build the app from the environment.
     os.environ["BGTASKS_DATA_DIR"] = str(data_dir)
     os.environ["BGTASKS_DELAY"] = repr(delay)
+    if drain_timeout is not None:
+        os.environ["BGTASKS_DRAIN_TIMEOUT"] = str(drain_timeout)
     pid = os.getpid()
     if record_state:
         write_state(ServerState(url=url_for(host, port), pid=pid, data_dir=str(data_dir)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import uuid
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if recovered:
             logger.warning("finished %d tasks left unfinished by a stopped server", len(recovered))
         restore = _log_pending_on_signal(runner)
+        # Everything built so far lives as long as the app: keep it out of every collection.
+        gc.freeze()
         logger.info(
             "bgtasks %s serving data dir %s (delay %ss)",
             __version__,
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             restore()
+            await runner.drain(settings.drain_timeout)
             if runner.pending:
                 runner.log_pending(
                     "stopped before these finished; they stay in the registry"

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(
         5.0, gt=0, le=600, description="Seconds to wait for the registry's lock before failing."
     )
+    drain_timeout: float | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="On shutdown, seconds to wait for unfinished tasks; None waits for all.",
+    )
     max_running: int = Field(
         10_000, ge=1, le=1_000_000, description="Tasks allowed to run at once; more wait."
     )

@@ -75,8 +75,9 @@ class TaskQueue:
 
     def append_line(self, target: tuple[str, str]) -> None:
         file, line = target
-        task = self._runner.new_task(self._record, file, line)
-        self._background.add_task(self._runner.run, task)
+        if not self._record.tasks:
+            self._background.add_task(self._runner.start, self._record)
+        self._runner.new_task(self._record, file, line)
 
 
 async def get_task_queue(request: Request, background_tasks: BackgroundTasks) -> TaskQueue:
