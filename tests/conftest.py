@@ -3,6 +3,7 @@ tasks, so it cannot show that a response came first)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -123,7 +124,15 @@ def spawn_server(
         *args,
     ]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env)
+        # Its own session, so teardown can stop uvicorn's worker processes with it.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -155,9 +164,9 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
     yield start
     for proc in started:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.proc.pid, signal.SIGKILL)  # workers too, even if the parent is gone
+        proc.proc.wait(timeout=10)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
