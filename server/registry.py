@@ -17,7 +17,9 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,11 @@ PRUNE_EVERY = 500
 # a busy registry is retried every RETRY_S until `lock_timeout` runs out.
 BUSY_WAIT_S = 0.05
 RETRY_S = 0.05
+# Every commit rewrites the B-tree pages it touches, so commits are grouped: anything someone
+# waits for (an intent before its response, a claim before its write) is committed within
+# COMMIT_WINDOW_S; state changes nobody waits for ride along, or go within NOTE_WINDOW_S.
+COMMIT_WINDOW_S = 0.002
+NOTE_WINDOW_S = 0.05
 
 
 class RegistryError(RuntimeError):
@@ -92,6 +99,37 @@ def connect(path: Path, *, readonly: bool = False, timeout: float = 5.0) -> sqli
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+class Checkpointer:
+    """Copies the WAL back into the database from a thread of its own, every `interval`
+    seconds. SQLite would otherwise checkpoint inside a commit, on the event loop, stalling
+    every request for the copy and its fsync."""
+
+    def __init__(self, path: Path, interval: float = 0.5) -> None:
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bgtasks-checkpoint", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, timeout=1.0, isolation_level=None)
+        try:
+            while not self._stop.wait(self._interval):
+                with contextlib.suppress(sqlite3.Error):  # busy: the next round catches up
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
 
 
 class DataFiles:
@@ -164,10 +202,11 @@ class Registry:
         self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
         self._db_path = registry_path(data_dir)
         self._files = DataFiles(data_dir)
+        self._checkpointer = Checkpointer(self._db_path)
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._owner_fd: int | None = None
-        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._stalled_since: float | None = None
         self._intents: list[RequestRecord] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -191,6 +230,8 @@ class Registry:
         recovered = self.recover_dead_owners()
         busy_ms = int(min(BUSY_WAIT_S, self.lock_timeout) * 1000)
         self._conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._checkpointer.start()
         self._reader = connect(self._db_path, readonly=True, timeout=self.lock_timeout)
         return recovered
 
@@ -198,6 +239,7 @@ class Registry:
         """Flush every pending change, close the database and release the owner lock."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+        self._checkpointer.stop()
         for _ in range(3):  # a flush that writes lines leaves their `done` for one more
             if self._conn is not None and self._has_pending():
                 self._flush()
@@ -219,25 +261,25 @@ class Registry:
         future = asyncio.get_running_loop().create_future()
         self._intents.append(request)
         self._waiters.append(future)
-        self._schedule()
+        self._schedule(COMMIT_WINDOW_S)
         await future
 
     def note_request(self, request: RequestRecord) -> None:
         """Record the request's status and response time at the next commit (not awaited)."""
         self._request_notes[request.id] = request
-        self._schedule()
+        self._schedule(NOTE_WINDOW_S)
 
     def note_task(self, task: TaskRecord) -> None:
         """Record the task's current state at the next commit (not awaited)."""
         self._task_notes[task.id] = task
-        self._schedule()
+        self._schedule(NOTE_WINDOW_S)
 
     async def append(self, task: TaskRecord) -> None:
         """Claim an offset for the task's line, commit the claim, write the line and mark the
         task done. Raises OSError or RegistryError if the line was not written."""
         future = asyncio.get_running_loop().create_future()
         self._appends.append((task, future))
-        self._schedule()
+        self._schedule(COMMIT_WINDOW_S)
         await future
 
     # -- reads (any thread that owns its own connection; the API uses the reader) ------------
@@ -284,10 +326,15 @@ class Registry:
 
     # -- the group commit ----------------------------------------------------------------------
 
-    def _schedule(self) -> None:
-        # Everything queued during this turn of the event loop shares the next commit.
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+    def _schedule(self, within: float) -> None:
+        """Make sure a flush runs within `within` seconds."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + within
+        if self._flush_handle is not None:
+            if self._flush_handle.when() <= due:
+                return
+            self._flush_handle.cancel()
+        self._flush_handle = loop.call_at(due, self._flush)
 
     def _has_pending(self) -> bool:
         return bool(self._intents or self._request_notes or self._task_notes or self._appends)
@@ -363,9 +410,9 @@ class Registry:
                 self._files.unlock(name)
             for task in done:
                 self._task_notes[task.id] = task
-            if done and self._flush_handle is None:
+            if done:
                 with contextlib.suppress(RuntimeError):  # no loop while closing
-                    self._schedule()
+                    self._schedule(NOTE_WINDOW_S)
 
     def _stalled(
         self,
@@ -395,8 +442,7 @@ class Registry:
             self._request_notes.setdefault(key, request)
         for key, task in task_notes.items():
             self._task_notes.setdefault(key, task)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_S, self._flush)
+        self._schedule(RETRY_S)
 
     def _commit(
         self,
@@ -445,16 +491,10 @@ class Registry:
                     ],
                 )
             if claimed:
-                self._claim(conn, claimed)
+                self._number_claims(conn, claimed)
+                task_notes = {**task_notes, **{t.id: t for t in claimed}}
             if task_notes:
-                conn.executemany(
-                    "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, error = ?"
-                    " WHERE id = ?",
-                    [
-                        (t.status, t.started_at, t.finished_at, t.error, t.id)
-                        for t in task_notes.values()
-                    ],
-                )
+                self._update_tasks(conn, task_notes.values())
             self._since_prune += len(intents) + len(request_notes)
             if self._since_prune >= self._prune_every:
                 self._since_prune = 0
@@ -466,8 +506,8 @@ class Registry:
             raise
 
     @staticmethod
-    def _claim(conn: sqlite3.Connection, tasks: list[TaskRecord]) -> None:
-        """Give each task the next claim number and store where its line goes."""
+    def _number_claims(conn: sqlite3.Connection, tasks: list[TaskRecord]) -> None:
+        """Give each task the next claim number: the order the lines were claimed in."""
         row = conn.execute(
             "UPDATE counters SET value = value + ? WHERE name = 'claim' RETURNING value",
             (len(tasks),),
@@ -475,9 +515,17 @@ class Registry:
         first = int(row[0]) - len(tasks) + 1
         for number, task in enumerate(tasks, start=first):
             task.claim = number
+
+    @staticmethod
+    def _update_tasks(conn: sqlite3.Connection, tasks: Iterable[TaskRecord]) -> None:
+        """Store each task's state and where its line was claimed, in one statement each."""
         conn.executemany(
-            "UPDATE tasks SET inode = ?, write_offset = ?, claim = ? WHERE id = ?",
-            [(t.inode, t.offset, t.claim, t.id) for t in tasks],
+            "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, error = ?, inode = ?,"
+            " write_offset = ?, claim = ? WHERE id = ?",
+            [
+                (t.status, t.started_at, t.finished_at, t.error, t.inode, t.offset, t.claim, t.id)
+                for t in tasks
+            ],
         )
 
     def _prune(self, conn: sqlite3.Connection) -> None:
@@ -590,7 +638,8 @@ class Registry:
                 offset += len(task.data) - present
             if to_write:
                 conn.execute("BEGIN IMMEDIATE")
-                self._claim(conn, [task for task, _ in to_write])
+                self._number_claims(conn, [task for task, _ in to_write])
+                self._update_tasks(conn, [task for task, _ in to_write])
                 conn.execute("COMMIT")
             for task, present in to_write:
                 rest = task.data[present:]
