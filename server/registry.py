@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     claim INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks(request_id);
-CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks(owner) WHERE status IN ('queued', 'running');
+-- XX
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('claim', 0);
 """
@@ -77,9 +77,11 @@ PRUNE_EVERY = 500
 BUSY_WAIT_S = 0.05
 RETRY_S = 0.05
 # Every commit rewrites the B-tree pages it touches, so commits are grouped: anything someone
-# waits for (an intent before its response, a claim before its write) is committed within
-# COMMIT_WINDOW_S; state changes nobody waits for ride along, or go within NOTE_WINDOW_S.
-COMMIT_WINDOW_S = 0.002
+# waits for (an intent before its response, a claim before its write) is committed at once if
+# the last commit is COMMIT_GAP_S old, else when it is (so under load one commit serves many
+# requests, and an idle server adds no wait); state changes nobody waits for ride along, or go
+# within NOTE_WINDOW_S.
+COMMIT_GAP_S = 0.005
 NOTE_WINDOW_S = 0.05
 
 
@@ -206,8 +208,10 @@ class Registry:
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._owner_fd: int | None = None
-        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.Handle | None = None
         self._stalled_since: float | None = None
+        self._last_flush = 0.0
+        self._flush_due = 0.0
         self._intents: list[RequestRecord] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._request_notes: dict[str, RequestRecord] = {}
@@ -261,7 +265,7 @@ class Registry:
         future = asyncio.get_running_loop().create_future()
         self._intents.append(request)
         self._waiters.append(future)
-        self._schedule(COMMIT_WINDOW_S)
+        self._schedule(0.0)
         await future
 
     def note_request(self, request: RequestRecord) -> None:
@@ -279,7 +283,7 @@ class Registry:
         task done. Raises OSError or RegistryError if the line was not written."""
         future = asyncio.get_running_loop().create_future()
         self._appends.append((task, future))
-        self._schedule(COMMIT_WINDOW_S)
+        self._schedule(0.0)
         await future
 
     # -- reads (any thread that owns its own connection; the API uses the reader) ------------
@@ -327,13 +331,15 @@ class Registry:
     # -- the group commit ----------------------------------------------------------------------
 
     def _schedule(self, within: float) -> None:
-        """Make sure a flush runs within `within` seconds."""
+        """Make sure a flush runs within `within` seconds, but no sooner than COMMIT_GAP_S
+        after the last one."""
         loop = asyncio.get_running_loop()
-        due = loop.time() + within
+        due = max(loop.time() + within, self._last_flush + COMMIT_GAP_S)
         if self._flush_handle is not None:
-            if self._flush_handle.when() <= due:
+            if self._flush_due <= due:
                 return
             self._flush_handle.cancel()
+        self._flush_due = due
         self._flush_handle = loop.call_at(due, self._flush)
 
     def _has_pending(self) -> bool:
@@ -341,6 +347,8 @@ class Registry:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        with contextlib.suppress(RuntimeError):  # no loop while closing
+            self._last_flush = asyncio.get_running_loop().time()
         intents, self._intents = self._intents, []
         waiters, self._waiters = self._waiters, []
         request_notes, self._request_notes = self._request_notes, {}
