@@ -60,7 +60,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     claim INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_by_request ON tasks(request_id);
--- XX
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('claim', 0);
 """
@@ -212,6 +211,7 @@ class Registry:
         self._stalled_since: float | None = None
         self._last_flush = 0.0
         self._flush_due = 0.0
+        self._flush_urgent = False
         self._intents: list[RequestRecord] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._request_notes: dict[str, RequestRecord] = {}
@@ -333,13 +333,15 @@ class Registry:
     def _schedule(self, within: float) -> None:
         """Make sure a flush runs within `within` seconds, but no sooner than COMMIT_GAP_S
         after the last one."""
+        if self._flush_handle is not None and (self._flush_urgent or within >= NOTE_WINDOW_S):
+            return  # hot path: what is scheduled is already as soon as this call could ask
         loop = asyncio.get_running_loop()
         due = max(loop.time() + within, self._last_flush + COMMIT_GAP_S)
         if self._flush_handle is not None:
             if self._flush_due <= due:
                 return
             self._flush_handle.cancel()
-        self._flush_due = due
+        self._flush_due, self._flush_urgent = due, within == 0.0
         self._flush_handle = loop.call_at(due, self._flush)
 
     def _has_pending(self) -> bool:
@@ -471,7 +473,7 @@ class Registry:
                     ],
                 )
                 conn.executemany(
-                    "INSERT OR REPLACE INTO tasks (id, request_id, seq, owner, file, line, status,"
+                    "INSERT INTO tasks (id, request_id, seq, owner, file, line, status,"
                     " queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
