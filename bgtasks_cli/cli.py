@@ -373,7 +373,17 @@ def serve(
     ),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
-    data_dir: DataDirOpt = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar="BGTASKS_DATA_DIR",
+            help="Where log.txt, README.md and the task registry live. "
+            "Default: ~/.local/state/bgtasks/data.",
+            show_default=False,
+            file_okay=False,
+        ),
+    ] = None,
     delay: Annotated[
         float,
         typer.Option(

@@ -111,7 +111,9 @@ def verdict(outcome: Outcome) -> Text:
             style="bold red",
         )
     if outcome.timed_out:
-        return Text(f"✗ {len(unfinished) or 'some'} tasks did not finish in time", style="bold red")
+        left = len(unfinished)
+        what = f"{left} task{'s' * (left != 1)} did" if left else "the request's record did"
+        return Text(f"✗ {what} not finish in time", style="bold red")
     if not tasks:
         return Text("✓ no background task was queued for this request", style="bold green")
     last = max(t["finished_at"] for t in tasks)
