@@ -447,7 +447,8 @@ class Registry:
         else:
             self._intents[:0] = intents
             self._waiters[:0] = waiters
-            self._appends[:0] = appends
+            # Appends already refused (their file could not be opened) are not retried.
+            self._appends[:0] = [(task, future) for task, future in appends if not future.done()]
         for key, request in request_notes.items():
             self._request_notes.setdefault(key, request)
         for key, task in task_notes.items():
