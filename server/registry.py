@@ -80,7 +80,7 @@ RETRY_S = 0.05
 # the last commit is COMMIT_GAP_S old, else when it is (so under load one commit serves many
 # requests, and an idle server adds no wait); state changes nobody waits for ride along, or go
 # within NOTE_WINDOW_S.
-COMMIT_GAP_S = 0.005
+COMMIT_GAP_S = 0.001
 NOTE_WINDOW_S = 0.05
 
 
