@@ -26,6 +26,17 @@ from server.app import create_app
 from server.config import Settings
 
 
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and every subprocess it starts) gets its own state directory and no
+    inherited server settings, so nothing touches the user's real ~/.local/state/bgtasks."""
+    state_dir = tmp_path / "state"
+    monkeypatch.setenv("BGTASKS_STATE_DIR", str(state_dir))
+    for name in ("BGTASKS_URL", "BGTASKS_DATA_DIR", "BGTASKS_DELAY", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    return state_dir
+
+
 @dataclass
 class LiveServer:
     url: str

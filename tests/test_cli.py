@@ -54,16 +54,6 @@ TASK_FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own state directory and no inherited server settings."""
-    state_dir = tmp_path / "state"
-    monkeypatch.setenv("BGTASKS_STATE_DIR", str(state_dir))
-    for name in ("BGTASKS_URL", "BGTASKS_DATA_DIR", "BGTASKS_DELAY", "FORCE_COLOR"):
-        monkeypatch.delenv(name, raising=False)
-    return state_dir
-
-
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(app, list(args), env={**ENV, **(env or {})})
 

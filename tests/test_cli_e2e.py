@@ -28,16 +28,6 @@ RED_ERROR = "\x1b[1;31mError:\x1b[0m"
 TAIL_FIELDS = {"at", "file", "kind", "text", "request_id", "task_id"}
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test (and every subprocess it starts) gets its own state directory."""
-    state_dir = tmp_path / "state"
-    monkeypatch.setenv("BGTASKS_STATE_DIR", str(state_dir))
-    for name in ("BGTASKS_URL", "BGTASKS_DATA_DIR", "BGTASKS_DELAY", "FORCE_COLOR"):
-        monkeypatch.delenv(name, raising=False)
-    return state_dir
-
-
 def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **extra}
 
