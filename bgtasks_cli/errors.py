@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3

@@ -7,7 +7,6 @@ from pathlib import Path
 
 LOG_FILE = "log.txt"
 README_FILE = "README.md"
-DATA_FILES = (LOG_FILE, README_FILE)
 STATE_DIR = ".bgtasks"
 REGISTRY_FILE = "registry.db"
 OWNERS_DIR = "owners"

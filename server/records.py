@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 QUEUED, RUNNING, DONE, FAILED, RECOVERED = "queued", "running", "done", "failed", "recovered"
-UNFINISHED = (QUEUED, RUNNING)
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, RECOVERED)
 
 
