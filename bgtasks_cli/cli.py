@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from bgtasks_cli.errors import BgtasksError
+from bgtasks_cli.errors import EXIT_USAGE, BgtasksError, InvalidInput
 from server import __version__
 
 if TYPE_CHECKING:
@@ -23,9 +23,13 @@ if TYPE_CHECKING:
     from bgtasks_cli.client import Client, Outcome
 
 
+# Typer may vendor its own click: take UsageError from wherever its BadParameter comes from.
+_UsageError: type[Exception] = sys.modules[typer.BadParameter.__module__].UsageError
+
+
 class BgtasksGroup(TyperGroup):
-    """The error boundary: an expected failure (`BgtasksError`) becomes one red line, a hint
-    and its exit code, never a traceback."""
+    """The error boundary: an expected failure (`BgtasksError`) or a command's bad option
+    becomes one red line, a hint and its exit code, never a traceback."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -33,6 +37,11 @@ class BgtasksGroup(TyperGroup):
         except BgtasksError as exc:
             exc.show()
             raise typer.Exit(exc.exit_code) from None
+        except _UsageError as exc:
+            command = getattr(getattr(exc, "ctx", None), "command_path", None) or "bgtasks"
+            message = exc.format_message()  # type: ignore[attr-defined]
+            InvalidInput(message, f"see `{command} --help`").show()
+            raise typer.Exit(EXIT_USAGE) from None
 
 
 app = typer.Typer(

@@ -532,3 +532,21 @@ def test_serve_bad_option_is_a_usage_error(fake_serve: FakeServe, args: tuple[st
     assert result.exit_code == EXIT_USAGE, result.output
     assert fake_serve.calls == []
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("serve", "--port", "70000"), "'--port'"),
+        (("notify",), "Missing argument"),
+        (("tail", "--file", "nope"), "'--file'"),
+        (("readme",), "either FRAMEWORK or --intro"),
+        (("tasks", "--limit", "0"), "'--limit'"),
+    ],
+)
+def test_a_bad_option_is_one_red_line_with_a_hint(args: tuple[str, ...], words: str) -> None:
+    result = invoke(*args)
+    line = assert_clean_error(result, EXIT_USAGE)
+    assert words in line
+    assert f"see `bgtasks {args[0]} --help`" in result.output
+    assert "Usage:" not in result.output  # no usage box: one line and the hint
