@@ -157,8 +157,10 @@ class Client:
         while True:
             try:
                 record = self.request_record(fired.request_id)
+            except ServerUnreachable:
+                raise
             except BgtasksError:
-                record = {"id": fired.request_id, "tasks": []}  # not committed yet
+                record = {"id": fired.request_id, "tasks": []}  # not recorded yet (404)
             if record != last:
                 last = record
                 yield record

@@ -18,6 +18,7 @@ from typing import Any
 
 from bgtasks_cli.errors import ServeError
 from bgtasks_cli.state import ServerState, clear_state, write_state
+from server.paths import owners_dir
 
 APP_FACTORY = "server.app:create_app"
 
@@ -55,8 +56,9 @@ def check_port(host: str, port: int) -> None:
 def check_data_dir(data_dir: Path) -> None:
     """Create the data directory if needed and prove it is writable."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-test-"):
+        # The registry and the owner locks live under .bgtasks/: prove that works too.
+        owners_dir(data_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=owners_dir(data_dir), prefix=".write-test-"):
             pass
     except OSError as exc:
         raise ServeError(
@@ -116,6 +118,14 @@ def serve(
         )
     except _Terminated:
         terminated = True
+    except SystemExit as exc:
+        # uvicorn exits 3 when the app could not start; its log above says why.
+        if exc.code not in (0, None):
+            raise ServeError(
+                "the server could not start (see the log above)",
+                "check the data directory and its .bgtasks/registry.db",
+            ) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         if record_state:

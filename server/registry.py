@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from server.paths import owners_dir, registry_path
 from server.records import (
@@ -227,8 +227,7 @@ class Registry:
         self._db_path.parent.mkdir(parents=True, exist_ok=True)
         owners = owners_dir(self.data_dir)
         owners.mkdir(parents=True, exist_ok=True)
-        self._owner_fd = os.open(owners / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+        self._owner_fd = _lock_owner_file(owners / f"{self.owner}.lock", blocking=True)
         self._conn = connect(self._db_path, timeout=self.lock_timeout)
         self._conn.executescript(SCHEMA)
         recovered = self.recover_dead_owners()
@@ -378,7 +377,8 @@ class Registry:
         locked: list[tuple[str, int, list[tuple[TaskRecord, asyncio.Future[None]]]]] = []
         done: list[TaskRecord] = []
         try:
-            for name, items in by_file.items():
+            # One fixed order across every process, or two workers can deadlock on the files.
+            for name, items in sorted(by_file.items()):
                 try:
                     fd, inode, offset = self._files.lock(name)
                 except OSError as exc:
@@ -408,6 +408,8 @@ class Registry:
                     try:
                         written = os.write(fd, task.data)
                         if written != len(task.data):
+                            # Disk full: never leave half a line for the next one to follow.
+                            os.ftruncate(fd, task.offset or 0)
                             raise OSError(f"short write: {written} of {len(task.data)} bytes")
                     except OSError as exc:
                         _settle(future, exc)
@@ -580,12 +582,10 @@ class Registry:
         recovered: list[TaskRecord] = []
         for owner in sorted(owners):
             path = directory / f"{owner}.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _lock_owner_file(path, blocking=False)
+            if fd is None:
+                continue  # alive, or being recovered by a sibling worker
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # alive, or being recovered by a sibling worker
                 recovered.extend(self._recover_owner(conn, owner))
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -683,6 +683,30 @@ class Registry:
         if found and task.data.startswith(found) and task.offset + len(found) == size:
             return len(found)
         return 0
+
+
+@overload
+def _lock_owner_file(path: Path, *, blocking: Literal[True]) -> int: ...
+@overload
+def _lock_owner_file(path: Path, *, blocking: Literal[False]) -> int | None: ...
+def _lock_owner_file(path: Path, *, blocking: bool) -> int | None:
+    """Open and exclusively lock an owner's lock file; None if another process holds it.
+
+    A recoverer unlinks a dead owner's file while holding its lock, so a lock taken on a file
+    that is no longer at `path` proves nothing: start again with the file that is there now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _task_from_row(row: sqlite3.Row) -> TaskRecord:
