@@ -550,10 +550,15 @@ class Registry:
         if row is None:
             return
         cutoff = int(row[0])
+        # Recovery tells a lost line from a written one by the claims made after it, so keep
+        # every claim newer than the oldest claim still unfinished.
+        oldest = conn.execute(
+            "SELECT min(claim) FROM tasks WHERE status IN ('queued', 'running')"
+        ).fetchone()[0]
         conn.execute(
             "DELETE FROM tasks WHERE status NOT IN ('queued', 'running') AND request_id IN"
-            " (SELECT id FROM requests WHERE rowid <= ?)",
-            (cutoff,),
+            " (SELECT id FROM requests WHERE rowid <= ?) AND (claim IS NULL OR claim < ?)",
+            (cutoff, oldest if oldest is not None else 1 << 62),
         )
         conn.execute(
             "DELETE FROM requests WHERE rowid <= ? AND NOT EXISTS"

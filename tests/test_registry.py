@@ -192,3 +192,37 @@ def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
     assert retention <= requests <= retention * 1.1 + 1
     assert tasks == requests
     assert (tmp_path / "log.txt").read_bytes().count(b"\n") == 600
+
+
+def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
+    # t1 (a dead worker's) claimed offset 0 and never wrote; t2 later wrote the same bytes there.
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"message to a@example.com\n")
+    inode = log.stat().st_ino
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "message to a@example.com\n", inode=inode, offset=0, claim=1)
+    add_task(
+        conn,
+        "t2",
+        "message to a@example.com\n",
+        owner="other",
+        status="done",
+        inode=inode,
+        offset=0,
+        claim=2,
+    )
+    for n in range(30):  # newer requests push t2's request past retention
+        conn.execute("INSERT INTO requests VALUES (?, 'POST', '/x', 2.0, 2.1, 200)", (f"new{n}",))
+    owners_dir(tmp_path).mkdir(parents=True)
+    fd = os.open(owners_dir(tmp_path) / "dead.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the dead worker is still "alive" while we prune
+    try:
+        registry = Registry(tmp_path, owner="pruner", retention=10)
+        registry.open()
+        registry._prune(registry._conn)  # type: ignore[arg-type]
+        registry.close()
+        assert status_of(conn, "t2") == "done"  # kept: t1's recovery depends on it
+    finally:
+        os.close(fd)
+    recover(tmp_path)
+    assert log.read_bytes() == b"message to a@example.com\n" * 2
