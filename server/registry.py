@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -100,6 +101,20 @@ def connect(path: Path, *, readonly: bool = False, timeout: float = 5.0) -> sqli
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Everything waiting for the next group commit."""
+
+    intents: list[RequestRecord] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)  # one per intent
+    request_notes: dict[str, RequestRecord] = field(default_factory=dict)
+    task_notes: dict[str, TaskRecord] = field(default_factory=dict)
+    appends: list[tuple[TaskRecord, asyncio.Future[None]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.intents or self.request_notes or self.task_notes or self.appends)
 
 
 class Checkpointer:
@@ -212,11 +227,7 @@ class Registry:
         self._last_flush = 0.0
         self._flush_due = 0.0
         self._flush_urgent = False
-        self._intents: list[RequestRecord] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._request_notes: dict[str, RequestRecord] = {}
-        self._task_notes: dict[str, TaskRecord] = {}
-        self._appends: list[tuple[TaskRecord, asyncio.Future[None]]] = []
+        self._pending = _Batch()
         self._since_prune = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -244,7 +255,7 @@ class Registry:
             self._flush_handle.cancel()
         self._checkpointer.stop()
         for _ in range(3):  # a flush that writes lines leaves their `done` for one more
-            if self._conn is not None and self._has_pending():
+            if self._conn is not None and self._pending:
                 self._flush()
         for conn in (self._conn, self._reader):
             if conn is not None:
@@ -262,26 +273,26 @@ class Registry:
     async def commit_intents(self, request: RequestRecord) -> None:
         """Durably record `request` and its queued tasks; returns after the group commit."""
         future = asyncio.get_running_loop().create_future()
-        self._intents.append(request)
-        self._waiters.append(future)
+        self._pending.intents.append(request)
+        self._pending.waiters.append(future)
         self._schedule(0.0)
         await future
 
     def note_request(self, request: RequestRecord) -> None:
         """Record the request's status and response time at the next commit (not awaited)."""
-        self._request_notes[request.id] = request
+        self._pending.request_notes[request.id] = request
         self._schedule(NOTE_WINDOW_S)
 
     def note_task(self, task: TaskRecord) -> None:
         """Record the task's current state at the next commit (not awaited)."""
-        self._task_notes[task.id] = task
+        self._pending.task_notes[task.id] = task
         self._schedule(NOTE_WINDOW_S)
 
     async def append(self, task: TaskRecord) -> None:
         """Claim an offset for the task's line, commit the claim, write the line and mark the
         task done. Raises OSError or RegistryError if the line was not written."""
         future = asyncio.get_running_loop().create_future()
-        self._appends.append((task, future))
+        self._pending.appends.append((task, future))
         self._schedule(0.0)
         await future
 
@@ -343,36 +354,22 @@ class Registry:
         self._flush_due, self._flush_urgent = due, within == 0.0
         self._flush_handle = loop.call_at(due, self._flush)
 
-    def _has_pending(self) -> bool:
-        return bool(self._intents or self._request_notes or self._task_notes or self._appends)
-
     def _flush(self) -> None:
         self._flush_handle = None
         with contextlib.suppress(RuntimeError):  # no loop while closing
             self._last_flush = asyncio.get_running_loop().time()
-        intents, self._intents = self._intents, []
-        waiters, self._waiters = self._waiters, []
-        request_notes, self._request_notes = self._request_notes, {}
-        task_notes, self._task_notes = self._task_notes, {}
-        appends, self._appends = self._appends, []
+        batch, self._pending = self._pending, _Batch()
         try:
-            self._cycle(intents, waiters, request_notes, task_notes, appends)
+            self._cycle(batch)
         except Exception as exc:  # never leave a waiter hanging
             logger.exception("registry flush failed")
-            for future in [*waiters, *(future for _, future in appends)]:
+            for future in [*batch.waiters, *(future for _, future in batch.appends)]:
                 _settle(future, RegistryError(f"task registry flush failed: {exc}"))
 
-    def _cycle(
-        self,
-        intents: list[RequestRecord],
-        waiters: list[asyncio.Future[None]],
-        request_notes: dict[str, RequestRecord],
-        task_notes: dict[str, TaskRecord],
-        appends: list[tuple[TaskRecord, asyncio.Future[None]]],
-    ) -> None:
+    def _cycle(self, batch: _Batch) -> None:
         conn = self._require(self._conn)
         by_file: dict[str, list[tuple[TaskRecord, asyncio.Future[None]]]] = {}
-        for task, future in appends:
+        for task, future in batch.appends:
             by_file.setdefault(task.file, []).append((task, future))
         locked: list[tuple[str, int, list[tuple[TaskRecord, asyncio.Future[None]]]]] = []
         done: list[TaskRecord] = []
@@ -390,18 +387,12 @@ class Registry:
                     offset += len(task.data)
                 locked.append((name, fd, items))
             try:
-                self._commit(
-                    conn,
-                    intents,
-                    request_notes,
-                    task_notes,
-                    [task for _, _, items in locked for task, _ in items],
-                )
+                self._commit(conn, batch, [task for _, _, items in locked for task, _ in items])
             except sqlite3.Error as exc:
-                self._stalled(exc, intents, waiters, request_notes, task_notes, appends)
+                self._stalled(exc, batch)
                 return
             self._stalled_since = None
-            for future in waiters:
+            for future in batch.waiters:
                 _settle(future, None)
             for _, fd, items in locked:
                 for task, future in items:
@@ -421,20 +412,12 @@ class Registry:
             for name, _, _ in locked:
                 self._files.unlock(name)
             for task in done:
-                self._task_notes[task.id] = task
+                self._pending.task_notes[task.id] = task
             if done:
                 with contextlib.suppress(RuntimeError):  # no loop while closing
                     self._schedule(NOTE_WINDOW_S)
 
-    def _stalled(
-        self,
-        exc: sqlite3.Error,
-        intents: list[RequestRecord],
-        waiters: list[asyncio.Future[None]],
-        request_notes: dict[str, RequestRecord],
-        task_notes: dict[str, TaskRecord],
-        appends: list[tuple[TaskRecord, asyncio.Future[None]]],
-    ) -> None:
+    def _stalled(self, exc: sqlite3.Error, batch: _Batch) -> None:
         """The commit failed (usually another process holds the lock): retry shortly, and after
         `lock_timeout` refuse the waiting intents and appends. State changes are never dropped."""
         now = time.monotonic()
@@ -443,28 +426,23 @@ class Registry:
             logger.warning("task registry busy (%s); retrying", exc)
         if now - self._stalled_since >= self.lock_timeout:
             error = RegistryError(f"task registry unavailable: {exc}")
-            for future in [*waiters, *(future for _, future in appends)]:
+            for future in [*batch.waiters, *(future for _, future in batch.appends)]:
                 _settle(future, error)
             self._stalled_since = now
         else:
-            self._intents[:0] = intents
-            self._waiters[:0] = waiters
+            pending = self._pending
+            pending.intents[:0] = batch.intents
+            pending.waiters[:0] = batch.waiters
             # Appends already refused (their file could not be opened) are not retried.
-            self._appends[:0] = [(task, future) for task, future in appends if not future.done()]
-        for key, request in request_notes.items():
-            self._request_notes.setdefault(key, request)
-        for key, task in task_notes.items():
-            self._task_notes.setdefault(key, task)
+            pending.appends[:0] = [(t, f) for t, f in batch.appends if not f.done()]
+        for key, request in batch.request_notes.items():
+            self._pending.request_notes.setdefault(key, request)
+        for key, task in batch.task_notes.items():
+            self._pending.task_notes.setdefault(key, task)
         self._schedule(RETRY_S)
 
-    def _commit(
-        self,
-        conn: sqlite3.Connection,
-        intents: list[RequestRecord],
-        request_notes: dict[str, RequestRecord],
-        task_notes: dict[str, TaskRecord],
-        claimed: list[TaskRecord],
-    ) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: _Batch, claimed: list[TaskRecord]) -> None:
+        intents, request_notes, task_notes = batch.intents, batch.request_notes, batch.task_notes
         conn.execute("BEGIN IMMEDIATE")
         try:
             if intents:

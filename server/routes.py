@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Query, Request
@@ -181,8 +182,6 @@ async def list_tasks(
 @router.get("/health", response_model=Health, tags=["registry"])
 async def health(request: Request, registry: RegistryDep) -> Any:
     """Liveness, version, data directory and the number of unfinished tasks."""
-    import os
-
     settings = request.app.state.settings
     return Health(
         version=__version__,

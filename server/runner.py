@@ -24,7 +24,7 @@ SHOWN_IN_LOG = 50
 
 
 class TaskRunner:
-    """Creates task records for a request and runs them as FastAPI background tasks."""
+    """Creates a request's task records and runs them, in order, once its response is out."""
 
     def __init__(self, registry: Registry, *, delay: float, max_running: int) -> None:
         self.registry = registry

@@ -96,12 +96,13 @@ def test_a_line_cut_short_at_the_end_of_the_file_is_completed(tmp_path: Path) ->
     assert log.read_bytes() == b"earlier\nmessage to a@example.com\nfound query: b\n"
 
 
-def test_identical_bytes_from_a_later_claim_do_not_count(tmp_path: Path) -> None:
-    # t1 claimed offset 0 and died before writing; t2 (same bytes) then claimed 0 and wrote.
-    log = tmp_path / "log.txt"
+def claims_collide(data_dir: Path) -> tuple[Path, sqlite3.Connection]:
+    """t1 (owner "dead") claimed offset 0 of log.txt and never wrote; t2, a live worker's
+    task with the same bytes, then claimed offset 0 and wrote its line there."""
+    log = data_dir / "log.txt"
     log.write_bytes(b"message to a@example.com\n")
     inode = log.stat().st_ino
-    conn = make_db(tmp_path)
+    conn = make_db(data_dir)
     add_task(conn, "t1", "message to a@example.com\n", inode=inode, offset=0, claim=1)
     add_task(
         conn,
@@ -113,6 +114,11 @@ def test_identical_bytes_from_a_later_claim_do_not_count(tmp_path: Path) -> None
         offset=0,
         claim=2,
     )
+    return log, conn
+
+
+def test_identical_bytes_from_a_later_claim_do_not_count(tmp_path: Path) -> None:
+    log, _ = claims_collide(tmp_path)
     recover(tmp_path)
     assert log.read_bytes() == b"message to a@example.com\n" * 2
 
@@ -195,22 +201,7 @@ def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
 
 
 def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
-    # t1 (a dead worker's) claimed offset 0 and never wrote; t2 later wrote the same bytes there.
-    log = tmp_path / "log.txt"
-    log.write_bytes(b"message to a@example.com\n")
-    inode = log.stat().st_ino
-    conn = make_db(tmp_path)
-    add_task(conn, "t1", "message to a@example.com\n", inode=inode, offset=0, claim=1)
-    add_task(
-        conn,
-        "t2",
-        "message to a@example.com\n",
-        owner="other",
-        status="done",
-        inode=inode,
-        offset=0,
-        claim=2,
-    )
+    log, conn = claims_collide(tmp_path)
     for n in range(30):  # newer requests push t2's request past retention
         conn.execute("INSERT INTO requests VALUES (?, 'POST', '/x', 2.0, 2.1, 200)", (f"new{n}",))
     owners_dir(tmp_path).mkdir(parents=True)
