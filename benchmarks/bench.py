@@ -501,21 +501,26 @@ def measure_tail(cfg: Config, bgtasks: str | None) -> dict[str, Any]:
 # -- measure 5: CLI start-up -------------------------------------------------------------------
 
 
-def time_command(argv: list[str], runs: int) -> float | str:
-    """Median wall time of `argv` after one warm-up run, or why it could not be measured."""
-    times = []
+def time_commands(commands: dict[str, list[str]], runs: int) -> dict[str, float | str]:
+    """Median wall time of each command after one warm-up run, or why it could not be
+    measured. The commands take turns, so a slow spell of a shared machine hits them all."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    failed: dict[str, str] = {}
     for i in range(runs + 1):
-        started = time.perf_counter()
-        done = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, timeout=60,
-        )  # fmt: skip
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-            return f"unavailable: {lines[-1]}"
-        if i:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, argv in commands.items():
+            if name in failed:
+                continue
+            started = time.perf_counter()
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, text=True, timeout=60,
+            )  # fmt: skip
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+                failed[name] = f"unavailable: {lines[-1]}"
+            elif i:
+                times[name].append(time.perf_counter() - started)
+    return {name: failed.get(name) or statistics.median(times[name]) for name in commands}
 
 
 def find_tool(name: str) -> str | None:
@@ -530,13 +535,18 @@ def measure_cli(cfg: Config, bgtasks: str | None) -> dict[str, Any]:
     notify = help_ = "unavailable: bgtasks is not installed"
     http: float | str = "skipped: HTTPie (`http`) is not installed"
     with serve("bgtasks", cfg.workdir) as srv:
+        commands: dict[str, list[str]] = {}
         if bgtasks:
             args = ["notify", "u@example.com", "--q", "x", "--no-wait", "--url", srv.url]
-            notify = time_command([bgtasks, *args], runs)
-            help_ = time_command([bgtasks, "--help"], runs)
+            commands["notify"] = [bgtasks, *args]
+            commands["help"] = [bgtasks, "--help"]
         if httpie:
             url = f"{srv.url}/send-notification/u@example.com"
-            http = time_command([httpie, "--ignore-stdin", "POST", url, "q==x"], runs)
+            commands["http"] = [httpie, "--ignore-stdin", "POST", url, "q==x"]
+        timed = time_commands(commands, runs)
+    notify = timed.get("notify", notify)
+    help_ = timed.get("help", help_)
+    http = timed.get("http", http)
     result: dict[str, Any] = {"bgtasks_notify_s": notify, "bgtasks_help_s": help_, "httpie_s": http}
     for key, value in (("notify_vs_httpie", notify), ("help_vs_httpie", help_)):
         both = isinstance(value, float) and isinstance(http, float)

@@ -145,13 +145,17 @@ def _run_request(
         _print_json(render.outcome_json(outcome))
         return outcome
 
+    if not wait:
+        outcome = client.run(path, params, wait=False, timeout=timeout)
+        console.print(render.response_line(outcome.fired))
+        return outcome
+
     shown: set[str] = set()
     status = console.status("waiting for the background tasks…")
 
     def on_response(fired: Any) -> None:
         console.print(render.response_line(fired))
-        if wait:
-            status.start()
+        status.start()
 
     def on_update(fired: Any, record: dict[str, Any]) -> None:
         tasks = record.get("tasks", [])
@@ -164,13 +168,12 @@ def _run_request(
 
     try:
         outcome = client.run(
-            path, params, wait=wait, timeout=timeout, on_update=on_update, on_response=on_response
+            path, params, wait=True, timeout=timeout, on_update=on_update, on_response=on_response
         )
     finally:
         status.stop()
-    if wait:
-        console.print(render.timeline(outcome))
-        console.print(render.verdict(outcome))
+    console.print(render.timeline(outcome))
+    console.print(render.verdict(outcome))
     return outcome
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from bgtasks_cli.client import ENDED, Fired, Outcome
-from bgtasks_cli.tailer import TailEvent
+
+if TYPE_CHECKING:
+    from bgtasks_cli.tailer import TailEvent
 
 STATUS_STYLE = {
     "queued": "yellow",
