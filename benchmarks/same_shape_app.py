@@ -6,7 +6,7 @@ ratio is the cost of the background work itself: BackgroundTasks, the registry a
 
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Path
+from fastapi import APIRouter, Depends, FastAPI, Path
 
 from server.app import create_app
 from server.routes import NOTIFICATION_SENT, Message, QText
@@ -20,11 +20,14 @@ async def get_query(q: QText = None) -> str | None:
 
 def create_bench_app() -> FastAPI:
     app = create_app()
+    # Routed like the service's endpoints: through an included router.
+    router = APIRouter()
 
-    @app.post("/plain/{email}", response_model=Message)
+    @router.post("/plain/{email}", response_model=Message)
     async def plain(
         email: Annotated[Email, Path()], q: Annotated[str | None, Depends(get_query)]
     ) -> Any:
         return {"message": NOTIFICATION_SENT}
 
+    app.include_router(router)
     return app
