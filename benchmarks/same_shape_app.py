@@ -6,8 +6,9 @@ ratio is the cost of the background work itself: BackgroundTasks, the registry a
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Path
+from fastapi import Depends, FastAPI, Path
 
+from server import routes
 from server.app import create_app
 from server.routes import NOTIFICATION_SENT, Message, QText
 from server.validation import Email
@@ -18,16 +19,16 @@ async def get_query(q: QText = None) -> str | None:
     return q
 
 
+async def plain(
+    email: Annotated[Email, Path()], q: Annotated[str | None, Depends(get_query)]
+) -> Any:
+    return {"message": NOTIFICATION_SENT}
+
+
 def create_bench_app() -> FastAPI:
     app = create_app()
-    # Routed like the service's endpoints: through an included router.
-    router = APIRouter()
-
-    @router.post("/plain/{email}", response_model=Message)
-    async def plain(
-        email: Annotated[Email, Path()], q: Annotated[str | None, Depends(get_query)]
-    ) -> Any:
-        return {"message": NOTIFICATION_SENT}
-
-    app.include_router(router)
+    # Served by the service's own router, just ahead of /send-notification/{email}: routing
+    # tries routes in order (a few µs each), so the baseline is, if anything, found sooner.
+    routes.router.add_api_route("/plain/{email}", plain, methods=["POST"], response_model=Message)
+    routes.router.routes.insert(0, routes.router.routes.pop())
     return app

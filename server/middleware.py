@@ -19,6 +19,7 @@ REQUEST_ID_HEADER = b"x-request-id"
 _WELL_FORMED_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SCOPE_KEY = "bgtasks.request"
+RUNNER_KEY = "bgtasks.runner"
 
 
 def new_request_id() -> str:
@@ -69,6 +70,7 @@ class RegistryMiddleware:
 
         record = RequestRecord(request_id, scope["method"], scope["path"], time.time())
         scope[SCOPE_KEY] = record
+        scope[RUNNER_KEY] = self.runner
         refused = False
 
         async def send_recorded(message: Message) -> None:

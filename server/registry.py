@@ -71,7 +71,6 @@ REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 # Files are opened for appending and reading (recovery reads back what it finds at an offset),
 # never through a symlink, so the service cannot be led to write outside its data directory.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-PRUNE_EVERY = 500
 # The write connection runs on the event loop, so it never waits long for a lock at once:
 # a busy registry is retried every RETRY_S until `lock_timeout` runs out.
 BUSY_WAIT_S = 0.05
@@ -214,8 +213,9 @@ class Registry:
         self.owner = owner
         self.retention = retention
         self.lock_timeout = lock_timeout
-        # Prune often enough that the registry never holds more than ~10% over retention.
-        self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
+        # Prune as seldom as keeps the registry within ~10% over retention: each prune scans
+        # the tasks table for the oldest unfinished claim.
+        self._prune_every = max(1, retention // 10)
         self._db_path = registry_path(data_dir)
         self._files = DataFiles(data_dir)
         self._checkpointer = Checkpointer(self._db_path)

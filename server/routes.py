@@ -9,7 +9,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Qu
 from pydantic import BaseModel, Field
 
 from server import __version__, lines
-from server.middleware import SCOPE_KEY
+from server.middleware import RUNNER_KEY, SCOPE_KEY
 from server.records import STATUSES, RequestRecord
 from server.registry import Registry
 from server.runner import TaskRunner
@@ -71,8 +71,9 @@ class TaskQueue:
 
     def __init__(self, request: Request, background: BackgroundTasks) -> None:
         self._background = background
-        self._record: RequestRecord = request.scope[SCOPE_KEY]
-        self._runner: TaskRunner = request.app.state.runner
+        scope = request.scope
+        self._record: RequestRecord = scope[SCOPE_KEY]
+        self._runner: TaskRunner = scope[RUNNER_KEY]
 
     def append_line(self, target: tuple[str, str]) -> None:
         file, line = target

@@ -81,9 +81,10 @@ class TaskRunner:
         leaves the task recoverable."""
         async with self._slots:
             task.status, task.started_at = RUNNING, time.time()
-            self.registry.note_task(task)
             try:
                 if self.delay:
+                    # Without a delay the claim, in the same commit, records it running.
+                    self.registry.note_task(task)
                     await asyncio.sleep(self.delay)
                 await self.registry.append(task)
             except Exception as exc:
