@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path
 
-from server import routes
 from server.app import create_app
 from server.routes import NOTIFICATION_SENT, Message, QText
 from server.validation import Email
@@ -27,8 +26,13 @@ async def plain(
 
 def create_bench_app() -> FastAPI:
     app = create_app()
-    # Served by the service's own router, just ahead of /send-notification/{email}: routing
-    # tries routes in order (a few µs each), so the baseline is, if anything, found sooner.
-    routes.router.add_api_route("/plain/{email}", plain, methods=["POST"], response_model=Message)
-    routes.router.routes.insert(0, routes.router.routes.pop())
+    app.add_api_route("/plain/{email}", plain, methods=["POST"], response_model=Message)
+    # Routing tries routes in order (a few µs each): put /plain just ahead of the service's
+    # routes, which start with /send-notification/{email}, so if anything the baseline is
+    # found sooner. Only FastAPI's own documentation routes come before them.
+    docs = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url}
+    routes = app.router.routes
+    plain_route = routes.pop()
+    first = next(i for i, r in enumerate(routes) if getattr(r, "path", None) not in docs)
+    routes.insert(first, plain_route)
     return app

@@ -71,6 +71,7 @@ REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 # Files are opened for appending and reading (recovery reads back what it finds at an offset),
 # never through a symlink, so the service cannot be led to write outside its data directory.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+PRUNE_EVERY = 500
 # The write connection runs on the event loop, so it never waits long for a lock at once:
 # a busy registry is retried every RETRY_S until `lock_timeout` runs out.
 BUSY_WAIT_S = 0.05
@@ -213,9 +214,9 @@ class Registry:
         self.owner = owner
         self.retention = retention
         self.lock_timeout = lock_timeout
-        # Prune as seldom as keeps the registry within ~10% over retention: each prune scans
-        # the tasks table for the oldest unfinished claim.
-        self._prune_every = max(1, retention // 10)
+        # Prune every PRUNE_EVERY requests (each prune scans the tasks table once and holds
+        # the loop while it deletes), or often enough to stay within ~10% over retention.
+        self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
         self._db_path = registry_path(data_dir)
         self._files = DataFiles(data_dir)
         self._checkpointer = Checkpointer(self._db_path)
@@ -486,7 +487,7 @@ class Registry:
                 task_notes = {**task_notes, **{t.id: t for t in claimed}}
             if task_notes:
                 self._update_tasks(conn, task_notes.values())
-            self._since_prune += len(intents) + len(request_notes)
+            self._since_prune += len(request_notes)  # each recorded request is noted once
             if self._since_prune >= self._prune_every:
                 self._since_prune = 0
                 self._prune(conn)

@@ -155,6 +155,29 @@ def test_module_entry_point_help() -> None:
     assert version.returncode == 0 and version.stdout.startswith("bgtasks ")
 
 
+# Start-up time is mostly imports: the client commands must not load the server's stack
+# (fastapi, uvicorn), pydantic (Typer >= 0.29 coerces options through it) or click and
+# pygments (httpx imports its own command line when click is installed).
+HEAVY = ["fastapi", "uvicorn", "pydantic", "click", "pygments"]
+
+
+def heavy_modules_loaded(args: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run the command in a fresh interpreter; its exit code and the heavy modules it loaded."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from bgtasks_cli.cli import app\n"
+        f"result = CliRunner().invoke(app, {args!r})\n"
+        f"print(result.exit_code, *[m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    exit_code, *loaded = result.stdout.split()
+    return int(exit_code), loaded
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -166,27 +189,22 @@ def test_module_entry_point_help() -> None:
     ids=lambda args: args[0],
 )
 def test_commands_do_not_import_the_server_stack(args: list[str], tmp_path: Path) -> None:
-    # Start-up time is mostly imports: the client commands must not load the server's stack
-    # (fastapi, uvicorn), pydantic (Typer >= 0.29 coerces options through it) or click and
-    # pygments (httpx imports its own command line when click is installed).
-    heavy = ["fastapi", "uvicorn", "pydantic", "click", "pygments"]
-    code = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from bgtasks_cli.cli import app\n"
-        f"result = CliRunner().invoke(app, {args!r})\n"
-        f"print(result.exit_code, *[m for m in {heavy!r} if m in sys.modules])\n"
-    )
     env = cli_env(BGTASKS_DATA_DIR=str(tmp_path / "data"))
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    exit_code, *loaded = result.stdout.split()
+    exit_code, loaded = heavy_modules_loaded(args, env)
     # The command really ran (unreachable for the requests, fine for tail) ...
-    assert exit_code == ("0" if args[0] == "tail" else str(EXIT_UNREACHABLE))
+    assert exit_code == (0 if args[0] == "tail" else EXIT_UNREACHABLE)
     # ... and never loaded those modules.
     assert loaded == []
+
+
+def test_notify_against_a_live_server_does_not_import_them(
+    start_server: Callable[..., Any],
+) -> None:
+    live = start_server()
+    args = ["notify", "a@example.com", "--q", "hi", "--url", live.url]
+    for wait in ([], ["--no-wait"]):
+        exit_code, loaded = heavy_modules_loaded([*args, *wait], cli_env())
+        assert (exit_code, loaded) == (0, [])
 
 
 # --- unreachable server ----------------------------------------------------------------------
