@@ -351,8 +351,9 @@ def check_lines(log_path: Path, acked: list[str]) -> dict[str, float]:
     }
 
 
-def completion(data_dir: Path, acked: list[str], bound_s: float = 60.0) -> dict[str, float]:
-    """Once every task has finished, time from each acknowledged response to its last write."""
+def completion(data_dir: Path, acked: list[str], bound_s: float = 60.0) -> tuple[list[float], int]:
+    """Once every task has finished: ms from each acknowledged response to its last write, for
+    the requests still in the registry (how many of them were found, second)."""
     from server.paths import registry_path
 
     conn = sqlite3.connect(f"file:{registry_path(data_dir)}?mode=ro", uri=True, timeout=5)
@@ -369,12 +370,17 @@ def completion(data_dir: Path, acked: list[str], bound_s: float = 60.0) -> dict[
         conn.close()
     wanted = set(acked)
     sampled = [row for row in rows if row[0] in wanted]
-    delays = sorted((last - sent) * 1e3 for _, sent, last, done in sampled if done == 2 and sent)
+    delays = [(last - sent) * 1e3 for _, sent, last, done in sampled if done == 2 and sent]
+    return delays, len(sampled)
+
+
+def completion_summary(delays: list[float], sampled: int) -> dict[str, float]:
+    delays = sorted(delays)
     return {
         "p50_ms": percentile(delays, 50),
         "p99_ms": percentile(delays, 99),
-        "sampled": len(sampled),
-        "not_done": len(sampled) - len(delays),
+        "sampled": sampled,
+        "not_done": sampled - len(delays),
     }
 
 
@@ -401,14 +407,19 @@ def one_repeat(cfg: Config) -> dict[str, dict[str, float]]:
         fast_closed = run_load(cfg, fast, NOTIFY, "f", 4, p.latency_seconds)
         # Notify and its baseline take turns, in halves, so a slow spell of a shared machine
         # does not land on one of them only; each notify half's tasks finish before the next.
+        # Completion is read before the baseline's requests push notify's out of retention.
         halves: dict[str, list[Load]] = {NOTIFY: [], PLAIN: []}
+        delays: list[float] = []
+        sampled = 0
         for tags in ("TQ", "tq"):
             for route, tag in zip((NOTIFY, PLAIN), tags, strict=True):
-                halves[route].append(run_load(cfg, fast, route, tag, 50, p.load_seconds // 2))
+                load = run_load(cfg, fast, route, tag, 50, p.load_seconds // 2)
+                halves[route].append(load)
                 if route == NOTIFY:
-                    completion(fast.data_dir, halves[route][-1].acked)
+                    found, count = completion(fast.data_dir, load.acked)
+                    delays, sampled = delays + found, sampled + count
         notify, same_shape = combined(halves[NOTIFY]), combined(halves[PLAIN])
-        done = completion(fast.data_dir, notify.acked)
+        done = completion_summary(delays, sampled)
         lines = check_lines(fast.data_dir / "log.txt", notify.acked)
         bg_start, bg_rss = fast.startup_s, fast.rss_mb()
     with warm("bare") as bare:

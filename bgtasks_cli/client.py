@@ -11,7 +11,7 @@ from typing import Any
 from bgtasks_cli.errors import BgtasksError, InvalidInput, ServerUnreachable
 
 # httpx's __init__ imports its own command line (click, rich, pygments) whenever click is
-# installed, and uvicorn installs it: ~130 ms of every `bgtasks notify` spent on code this
+# installed, and uvicorn installs it: 80-130 ms of every `bgtasks notify` spent on code this
 # process never runs. A None entry makes that optional import fail fast, as it would without
 # click; httpx keeps working (upstream makes the import lazy: pydantic/httpx2#947).
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
