@@ -25,8 +25,10 @@ Choices worth knowing:
 - Every request carries a unique tag, used as its email, its q and its X-Request-ID, so each
   line in log.txt can be matched to the request that wrote it.
 - Load comes from wrk (one thread, `wrk_unique.lua`) when it is on PATH, else from the asyncio
-  generator below. Every load is bounded in requests and seconds and dials 127.0.0.1 only.
-- The registry keeps its default retention (10,000 requests): completion times are computed
+  generator below, which also makes measure 1's paced load (wrk cannot pace). Every load is
+  bounded in requests and seconds and dials 127.0.0.1 only.
+- Measure 2 runs notify and its baseline in turns, two halves each. The registry keeps its
+  default retention (10,000 requests), so completion times are read after each notify half,
   over the acknowledged requests still in it (`sampled`).
 - Ratios are taken within one repeat; results are medians over repeats. Goals are judged only
   in a full run, and never make the script fail.
@@ -141,25 +143,27 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def unfinished_tasks(port: int) -> float:
-    """The server's count of queued or running tasks (GET /health)."""
-    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+def get_health(port: int, timeout: float) -> tuple[int, bytes]:
+    """GET /health: the status code and the body. Raises OSError."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", "/health")
-        return float(json.loads(conn.getresponse().read())["unfinished_tasks"])
+        response = conn.getresponse()
+        return response.status, response.read()
     finally:
         conn.close()
 
 
 def health_ok(port: int) -> bool:
-    conn = HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
+        return get_health(port, timeout=2)[0] == 200
     except OSError:
         return False
-    finally:
-        conn.close()
+
+
+def unfinished_tasks(port: int) -> float:
+    """bgtasks' count of queued or running tasks."""
+    return float(json.loads(get_health(port, timeout=10)[1])["unfinished_tasks"])
 
 
 @contextlib.contextmanager
