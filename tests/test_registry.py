@@ -217,3 +217,36 @@ def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
         os.close(fd)
     recover(tmp_path)
     assert log.read_bytes() == b"message to a@example.com\n" * 2
+
+
+def test_the_prune_floor_holds_this_process_s_claims_until_their_end_is_committed(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from server.records import RequestRecord, TaskRecord
+    from server.registry import NOTE_WINDOW_S
+
+    registry = Registry(tmp_path, owner="me", retention=10)
+    registry.open()
+    line = "message to a@example.com\n"
+    request = RequestRecord("r1", "POST", "/x", 1.0)
+    task = TaskRecord("t1", "r1", 0, "log.txt", line, 1.0, data=line.encode())
+    request.tasks.append(task)
+    floors: list[int | None] = []
+
+    async def run() -> None:
+        conn = registry._conn
+        assert conn is not None
+        floors.append(registry._oldest_open_claim(conn))
+        await registry.commit_intents(request)
+        await registry.append(task)  # claimed and written; `done` rides a later commit
+        floors.append(registry._oldest_open_claim(conn))
+        await asyncio.sleep(NOTE_WINDOW_S * 3)
+        floors.append(registry._oldest_open_claim(conn))
+
+    asyncio.run(run())
+    registry.close()
+    assert task.claim is not None
+    assert floors == [None, task.claim, None]
+    assert status_of(make_db(tmp_path), "t1") == "done"
