@@ -17,7 +17,7 @@ from server import __version__
 from server.config import Settings
 from server.middleware import RegistryMiddleware
 from server.registry import Registry
-from server.routes import router
+from server.routes import add_routes
 from server.runner import TaskRunner
 
 logger = logging.getLogger("bgtasks")
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.runner = runner
-    app.include_router(router)
+    add_routes(app)
     app.add_middleware(RegistryMiddleware, registry=registry, runner=runner)
     return app
 
