@@ -23,6 +23,8 @@ class TaskRecord:
     finished_at: float | None = None
     error: str | None = None
     data: bytes = b""
+    # The registry's row key, given when the intent is committed.
+    pk: int | None = None
     # Where the line was claimed in the file, committed before the write (for crash recovery).
     inode: int | None = None
     offset: int | None = None

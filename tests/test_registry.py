@@ -250,3 +250,37 @@ def test_the_prune_floor_holds_this_process_s_claims_until_their_end_is_committe
     assert task.claim is not None
     assert floors == [None, task.claim, None]
     assert status_of(make_db(tmp_path), "t1") == "done"
+
+
+def test_a_registry_from_the_first_version_is_migrated_and_its_work_recovered(
+    tmp_path: Path,
+) -> None:
+    path = registry_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(
+        """
+        CREATE TABLE requests (id TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL,
+            received_at REAL NOT NULL, response_sent_at REAL, status_code INTEGER);
+        CREATE TABLE tasks (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, seq INTEGER NOT NULL,
+            owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL, status TEXT NOT NULL,
+            queued_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT,
+            inode INTEGER, write_offset INTEGER, claim INTEGER);
+        CREATE INDEX tasks_by_request ON tasks(request_id);
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO counters VALUES ('claim', 0);
+        INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200);
+        INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at)
+            VALUES ('a-1', 'r1', 0, 'dead', 'log.txt', 'found query: q\n', 'done', 1.0),
+                   ('a-2', 'r1', 1, 'dead', 'log.txt', 'message to a@example.com\n', 'queued', 1.0);
+        """
+    )
+    old.close()
+    registry = Registry(tmp_path, owner="new", retention=100)
+    recovered = registry.open()
+    registry.close()
+    assert [task.id for task in recovered] == ["a-2"]
+    conn = make_db(tmp_path)
+    rows = conn.execute("SELECT pk, id, status FROM tasks ORDER BY pk").fetchall()
+    assert rows == [(1, "a-1", "done"), (2, "a-2", "recovered")]
+    assert (tmp_path / "log.txt").read_bytes() == b"message to a@example.com\n"
