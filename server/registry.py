@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -88,6 +89,11 @@ COMMIT_GAP_S = 0.001
 NOTE_WINDOW_S = 0.05
 
 
+# Called once a submitted line was written (None) or could not be (the error).
+Ended = Callable[[BaseException | None], None]
+_Append = tuple[TaskRecord, Ended]
+
+
 class RegistryError(RuntimeError):
     """The registry could not commit: the work was not accepted."""
 
@@ -114,7 +120,7 @@ class _Batch:
     waiters: list[asyncio.Future[None]] = field(default_factory=list)  # one per intent
     request_notes: dict[str, RequestRecord] = field(default_factory=dict)
     task_notes: dict[str, TaskRecord] = field(default_factory=dict)
-    appends: list[tuple[TaskRecord, asyncio.Future[None]]] = field(default_factory=list)
+    appends: list[_Append] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.intents or self.request_notes or self.task_notes or self.appends)
@@ -295,13 +301,26 @@ class Registry:
         self._pending.task_notes[task.id] = task
         self._schedule(NOTE_WINDOW_S)
 
-    async def append(self, task: TaskRecord) -> None:
-        """Claim an offset for the task's line, commit the claim, write the line and mark the
-        task done. Raises OSError or RegistryError if the line was not written."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.appends.append((task, future))
+    def submit(self, task: TaskRecord, ended: Ended) -> None:
+        """At the next group commit, claim an offset for the task's line, commit the claim,
+        write the line and mark the task done; then call `ended(None)`, or `ended(error)`
+        (OSError or RegistryError) if the line was not written. Lines submitted in turn are
+        written in that order."""
+        self._pending.appends.append((task, ended))
         self._schedule(0.0)
+
+    async def append(self, task: TaskRecord) -> None:
+        """`submit`, awaited: raises OSError or RegistryError if the line was not written."""
+        future = asyncio.get_running_loop().create_future()
+        self.submit(task, functools.partial(_settle, future))
         await future
+
+    def flush(self) -> None:
+        """Commit (and write) whatever is pending now, without waiting for the loop."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        if self._pending:
+            self._flush()
 
     # -- reads (any thread that owns its own connection; the API uses the reader) ------------
 
@@ -352,7 +371,10 @@ class Registry:
         after the last one."""
         if self._flush_handle is not None and (self._flush_urgent or within >= NOTE_WINDOW_S):
             return  # hot path: what is scheduled is already as soon as this call could ask
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # closing, outside the loop: `close` flushes until nothing is pending
         due = max(loop.time() + within, self._last_flush + COMMIT_GAP_S)
         if self._flush_handle is not None:
             if self._flush_due <= due:
@@ -370,15 +392,18 @@ class Registry:
             self._cycle(batch)
         except Exception as exc:  # never leave a waiter hanging
             logger.exception("registry flush failed")
-            for future in [*batch.waiters, *(future for _, future in batch.appends)]:
-                _settle(future, RegistryError(f"task registry flush failed: {exc}"))
+            error = RegistryError(f"task registry flush failed: {exc}")
+            for future in batch.waiters:
+                _settle(future, error)
+            for _, ended in batch.appends:
+                ended(error)
 
     def _cycle(self, batch: _Batch) -> None:
         conn = self._require(self._conn)
-        by_file: dict[str, list[tuple[TaskRecord, asyncio.Future[None]]]] = {}
-        for task, future in batch.appends:
-            by_file.setdefault(task.file, []).append((task, future))
-        locked: list[tuple[str, int, list[tuple[TaskRecord, asyncio.Future[None]]]]] = []
+        by_file: dict[str, list[_Append]] = {}
+        for task, ended in batch.appends:
+            by_file.setdefault(task.file, []).append((task, ended))
+        locked: list[tuple[str, int, list[_Append]]] = []
         done: list[TaskRecord] = []
         try:
             # One fixed order across every process, or two workers can deadlock on the files.
@@ -386,8 +411,8 @@ class Registry:
                 try:
                     fd, inode, offset = self._files.lock(name)
                 except OSError as exc:
-                    for _, future in items:
-                        _settle(future, exc)
+                    for _, ended in items:
+                        ended(exc)
                     continue
                 for task, _ in items:
                     task.inode, task.offset = inode, offset
@@ -396,13 +421,13 @@ class Registry:
             try:
                 self._commit(conn, batch, [task for _, _, items in locked for task, _ in items])
             except sqlite3.Error as exc:
-                self._stalled(exc, batch)
+                self._stalled(exc, batch, [item for _, _, items in locked for item in items])
                 return
             self._stalled_since = None
             for future in batch.waiters:
                 _settle(future, None)
             for _, fd, items in locked:
-                for task, future in items:
+                for task, ended in items:
                     try:
                         written = os.write(fd, task.data)
                         if written != len(task.data):
@@ -410,21 +435,20 @@ class Registry:
                             os.ftruncate(fd, task.offset or 0)
                             raise OSError(f"short write: {written} of {len(task.data)} bytes")
                     except OSError as exc:
-                        _settle(future, exc)
+                        ended(exc)
                         continue
                     task.status, task.finished_at = DONE, time.time()
                     done.append(task)
-                    _settle(future, None)
+                    ended(None)
         finally:
             for name, _, _ in locked:
                 self._files.unlock(name)
             for task in done:
                 self._pending.task_notes[task.id] = task
             if done:
-                with contextlib.suppress(RuntimeError):  # no loop while closing
-                    self._schedule(NOTE_WINDOW_S)
+                self._schedule(NOTE_WINDOW_S)
 
-    def _stalled(self, exc: sqlite3.Error, batch: _Batch) -> None:
+    def _stalled(self, exc: sqlite3.Error, batch: _Batch, appends: list[_Append]) -> None:
         """The commit failed (usually another process holds the lock): retry shortly, and after
         `lock_timeout` refuse the waiting intents and appends. State changes are never dropped."""
         now = time.monotonic()
@@ -433,15 +457,17 @@ class Registry:
             logger.warning("task registry busy (%s); retrying", exc)
         if now - self._stalled_since >= self.lock_timeout:
             error = RegistryError(f"task registry unavailable: {exc}")
-            for future in [*batch.waiters, *(future for _, future in batch.appends)]:
+            for future in batch.waiters:
                 _settle(future, error)
+            for _, ended in appends:
+                ended(error)
             self._stalled_since = now
         else:
             pending = self._pending
             pending.intents[:0] = batch.intents
             pending.waiters[:0] = batch.waiters
             # Appends already refused (their file could not be opened) are not retried.
-            pending.appends[:0] = [(t, f) for t, f in batch.appends if not f.done()]
+            pending.appends[:0] = appends
         for key, request in batch.request_notes.items():
             self._pending.request_notes.setdefault(key, request)
         for key, task in batch.task_notes.items():

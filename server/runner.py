@@ -1,16 +1,19 @@
 """Runs queued tasks: caps how many run at once, waits the simulated delay, appends the line.
 
-FastAPI's BackgroundTasks calls `start` once per request after the response went out. `start`
-hands the request's tasks to a job the runner owns and returns at once, so Starlette's request
-cycle ends instead of keeping every sleeping request's scope, Request and closures alive (with
-~2,000 tasks asleep, garbage collection of those objects cost 200 ms pauses). The job runs the
-request's tasks one after another, in the order they were queued, as BackgroundTasks would;
-`drain` waits for every job at shutdown.
+FastAPI's BackgroundTasks calls `start` once per request after the response went out. With a
+delay, `start` hands the request's tasks to a job the runner owns and returns at once, so
+Starlette's request cycle ends instead of keeping every sleeping request's scope, Request and
+closures alive (with ~2,000 tasks asleep, garbage collection of those objects cost 200 ms
+pauses). The job runs the request's tasks one after another, in the order they were queued, as
+BackgroundTasks would; `drain` waits for every job at shutdown. With no delay there is nothing to
+wait for but the write: `start` submits the lines to the registry in order and the registry
+reports each one's end, with no job, future or wake-up per task (~4% of the CPU per request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -57,6 +60,12 @@ class TaskRunner:
         tasks = [task for task in request.tasks if task.id in self.pending]
         if not tasks:
             return  # the request was refused: its intents were never committed
+        if not self.delay:
+            for task in tasks:
+                await self._slots.acquire()  # returns at once below the cap
+                task.status, task.started_at = RUNNING, time.time()
+                self.registry.submit(task, functools.partial(self._ended, task))
+            return
         job = asyncio.get_running_loop().create_task(self._run_all(tasks))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
@@ -68,6 +77,7 @@ class TaskRunner:
     async def drain(self, timeout: float | None) -> None:
         """Wait for every job; after `timeout` seconds cancel the rest, which stay unfinished
         in the registry for the next start to recover."""
+        self.registry.flush()  # lines submitted without a job are written by the next commit
         if not self._jobs:
             return
         self.log_pending("shutting down, waiting for them")
@@ -88,13 +98,23 @@ class TaskRunner:
                     await asyncio.sleep(self.delay)
                 await self.registry.append(task)
             except Exception as exc:
-                task.status, task.finished_at = FAILED, time.time()
-                task.error = f"{type(exc).__name__}: {exc}"
-                self.registry.note_task(task)
-                logger.exception("task %s failed", task.describe())
+                self._failed(task, exc)
             finally:
                 if task.status not in (QUEUED, RUNNING):
                     self.pending.pop(task.id, None)
+
+    def _ended(self, task: TaskRecord, error: BaseException | None) -> None:
+        """The registry's report on a line submitted without a job."""
+        self._slots.release()
+        if error is not None:
+            self._failed(task, error)
+        self.pending.pop(task.id, None)
+
+    def _failed(self, task: TaskRecord, error: BaseException) -> None:
+        task.status, task.finished_at = FAILED, time.time()
+        task.error = f"{type(error).__name__}: {error}"
+        self.registry.note_task(task)
+        logger.error("task %s failed", task.describe(), exc_info=error)
 
     def log_pending(self, reason: str) -> None:
         """Say which tasks this process still has to finish."""

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from server.records import TaskRecord
+from server.registry import Ended
 from tests.conftest import LiveServer, wait_until
 from tests.loadgen import post_concurrently
 
@@ -79,14 +80,15 @@ def test_a_failing_task_is_recorded_and_does_not_break_anything(
 ) -> None:
     live = start_server()
     registry = live.app.state.registry
-    real_append = registry.append
+    real_submit = registry.submit
 
-    async def flaky_append(task: TaskRecord) -> None:
+    def flaky_submit(task: TaskRecord, ended: Ended) -> None:
         if task.line.startswith("found query: boom"):
-            raise OSError("injected disk fault")
-        await real_append(task)
+            ended(OSError("injected disk fault"))
+            return
+        real_submit(task, ended)
 
-    monkeypatch.setattr(registry, "append", flaky_append)
+    monkeypatch.setattr(registry, "submit", flaky_submit)
     with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1]))) as sock:
         status, head = http_exchange(sock, "/send-notification/a@example.com?q=boom")
         assert status == 200
