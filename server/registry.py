@@ -223,8 +223,8 @@ class Registry:
         self.owner = owner
         self.retention = retention
         self.lock_timeout = lock_timeout
-        # Prune every PRUNE_EVERY requests (each prune scans the tasks table once and holds
-        # the loop while it deletes), or often enough to stay within ~10% over retention.
+        # Prune every PRUNE_EVERY requests (each prune holds the loop while it deletes), or
+        # often enough to stay within ~10% over retention.
         self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
         self._db_path = registry_path(data_dir)
         self._files = DataFiles(data_dir)
@@ -270,14 +270,21 @@ class Registry:
         for _ in range(3):  # a flush that writes lines leaves their `done` for one more
             if self._conn is not None and self._pending:
                 self._flush()
+        if self._flush_handle is not None:  # a retry that a stalled flush scheduled
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        # An owner that leaves a claim unfinished keeps its lock file, so that other owners'
+        # prunes keep the claims its recovery needs (the next start recovers it).
+        unfinished = bool(self._open_claims or self._pending.appends)
         for conn in (self._conn, self._reader):
             if conn is not None:
                 conn.close()
         self._conn = self._reader = None
         self._files.close()
         if self._owner_fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(owners_dir(self.data_dir) / f"{self.owner}.lock")
+            if not unfinished:
+                with contextlib.suppress(OSError):
+                    os.unlink(owners_dir(self.data_dir) / f"{self.owner}.lock")
             os.close(self._owner_fd)
             self._owner_fd = None
 
@@ -319,6 +326,7 @@ class Registry:
         """Commit (and write) whatever is pending now, without waiting for the loop."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+            self._flush_handle = None
         if self._pending:
             self._flush()
 
@@ -522,20 +530,23 @@ class Registry:
             if claimed:
                 self._number_claims(conn, claimed)
                 task_notes = {**task_notes, **{t.id: t for t in claimed}}
+            ended: list[str] = []
             if task_notes:
                 self._update_tasks(conn, task_notes.values())
-                open_claims = self._open_claims
+                # Claims join the prune's floor now; they leave it once their end is committed.
                 for task in task_notes.values():
                     if task.claim is not None:
                         if task.status in (QUEUED, RUNNING):
-                            open_claims[task.id] = task.claim
+                            self._open_claims[task.id] = task.claim
                         else:
-                            open_claims.pop(task.id, None)
+                            ended.append(task.id)
             self._since_prune += len(request_notes)  # each recorded request is noted once
             if self._since_prune >= self._prune_every:
                 self._since_prune = 0
                 self._prune(conn)
             conn.execute("COMMIT")
+            for task_id in ended:
+                self._open_claims.pop(task_id, None)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -616,9 +627,10 @@ class Registry:
         newer than this one.
 
         This process's own claims are known here. Another process's are only looked up (a
-        scan of the tasks table) while another owner's lock file exists: a worker alive, or
-        one that died and is not yet recovered. A worker that starts meanwhile cannot claim
-        until this transaction ends, and its claims will be newer than any that exist."""
+        scan of the tasks table) while another owner's lock file exists: a worker alive, one
+        that died and is not yet recovered, or one that stopped with a claim unfinished (it
+        keeps its file, see `close`). A worker that starts meanwhile cannot claim until this
+        transaction ends, and its claims will be newer than any that exist."""
         oldest = min(self._open_claims.values(), default=None)
         others = [p for p in owners_dir(self.data_dir).glob("*.lock") if p.stem != self.owner]
         if others:
@@ -812,7 +824,7 @@ def _create_or_migrate(conn: sqlite3.Connection) -> None:
         # and to search per update (~15,000 CPU instructions per request).
         if columns and "pk" not in columns:
             conn.execute("ALTER TABLE tasks RENAME TO tasks_v1")
-            conn.execute("DROP INDEX tasks_by_request")
+            conn.execute("DROP INDEX IF EXISTS tasks_by_request")
             run(SCHEMA)
             conn.execute("INSERT INTO tasks SELECT rowid, * FROM tasks_v1 ORDER BY rowid")
             conn.execute("DROP TABLE tasks_v1")

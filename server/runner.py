@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import time
+from typing import Any
 
 from server.records import FAILED, QUEUED, RUNNING, RequestRecord, TaskRecord
 from server.registry import Registry
@@ -35,6 +36,8 @@ class TaskRunner:
         self._slots = asyncio.Semaphore(max_running)
         self._ids = itertools.count(1)
         self._jobs: set[asyncio.Task[None]] = set()
+        self._submitted = 0  # lines submitted without a job, not yet ended
+        self._all_ended = asyncio.Event()
         self.pending: dict[str, TaskRecord] = {}
 
     def new_task(self, request: RequestRecord, file: str, line: str) -> TaskRecord:
@@ -56,7 +59,8 @@ class TaskRunner:
             self.pending[task.id] = task
 
     async def start(self, request: RequestRecord) -> None:
-        """The BackgroundTasks entry of a request: run its accepted tasks in a job of our own."""
+        """The BackgroundTasks entry of a request: submit its accepted tasks' lines in order, or
+        with a delay, run them in a job of our own."""
         tasks = [task for task in request.tasks if task.id in self.pending]
         if not tasks:
             return  # the request was refused: its intents were never committed
@@ -64,6 +68,8 @@ class TaskRunner:
             for task in tasks:
                 await self._slots.acquire()  # returns at once below the cap
                 task.status, task.started_at = RUNNING, time.time()
+                self._submitted += 1
+                self._all_ended.clear()
                 self.registry.submit(task, functools.partial(self._ended, task))
             return
         job = asyncio.get_running_loop().create_task(self._run_all(tasks))
@@ -75,13 +81,16 @@ class TaskRunner:
             await self.run(task)
 
     async def drain(self, timeout: float | None) -> None:
-        """Wait for every job; after `timeout` seconds cancel the rest, which stay unfinished
-        in the registry for the next start to recover."""
-        self.registry.flush()  # lines submitted without a job are written by the next commit
-        if not self._jobs:
+        """Wait for every job and submitted line; after `timeout` seconds cancel the rest, which
+        stay unfinished in the registry for the next start to recover."""
+        if not self._jobs and not self._submitted:
             return
         self.log_pending("shutting down, waiting for them")
-        _, late = await asyncio.wait(set(self._jobs), timeout=timeout)
+        waits: set[asyncio.Future[Any]] = set(self._jobs)
+        if self._submitted:
+            self.registry.flush()  # now, rather than at the next turn of the loop
+            waits.add(asyncio.ensure_future(self._all_ended.wait()))
+        _, late = await asyncio.wait(waits, timeout=timeout)
         for job in late:
             job.cancel()
         await asyncio.gather(*late, return_exceptions=True)
@@ -104,11 +113,15 @@ class TaskRunner:
                     self.pending.pop(task.id, None)
 
     def _ended(self, task: TaskRecord, error: BaseException | None) -> None:
-        """The registry's report on a line submitted without a job."""
+        """The registry's report on a line submitted without a job (the first one counts)."""
+        if self.pending.pop(task.id, None) is None:
+            return
         self._slots.release()
+        self._submitted -= 1
+        if not self._submitted:
+            self._all_ended.set()
         if error is not None:
             self._failed(task, error)
-        self.pending.pop(task.id, None)
 
     def _failed(self, task: TaskRecord, error: BaseException) -> None:
         task.status, task.finished_at = FAILED, time.time()

@@ -1,0 +1,86 @@
+"""The task runner's no-delay path against a registry that ends lines only when told to."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from server.records import DONE, FAILED, RequestRecord, TaskRecord
+from server.registry import Ended, Registry
+from server.runner import TaskRunner
+
+
+class HeldRegistry:
+    """Takes submitted lines and ends them when the test says so."""
+
+    owner = "test"
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[TaskRecord, Ended]] = []
+        self.flushes = 0
+
+    def submit(self, task: TaskRecord, ended: Ended) -> None:
+        self.submitted.append((task, ended))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def note_task(self, task: TaskRecord) -> None:
+        pass
+
+
+def accepted_request(runner: TaskRunner, name: str) -> RequestRecord:
+    request = RequestRecord(name, "POST", "/x", 1.0)
+    runner.new_task(request, "log.txt", f"found query: {name}\n")
+    runner.new_task(request, "log.txt", f"message to {name}@example.com\n")
+    runner.accept(request)
+    return request
+
+
+def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
+    async def scenario() -> None:
+        registry = HeldRegistry()
+        runner = TaskRunner(cast(Registry, registry), delay=0, max_running=2)
+        first, second = accepted_request(runner, "a"), accepted_request(runner, "b")
+        starts = [asyncio.create_task(runner.start(r)) for r in (first, second)]
+        await asyncio.sleep(0.01)
+        assert [t.line for t, _ in registry.submitted] == [
+            "found query: a\n",
+            "message to a@example.com\n",
+        ]  # two slots: the second request waits
+        registry.submitted[0][1](None)
+        registry.submitted[0][1](None)  # a second report of the same line changes nothing
+        await asyncio.sleep(0.01)
+        assert len(registry.submitted) == 3  # one slot came back, one line more
+        registry.submitted[1][1](OSError("disk full"))
+        await asyncio.sleep(0.01)
+        assert [t.line for t, _ in registry.submitted][2:] == [
+            "found query: b\n",
+            "message to b@example.com\n",
+        ]
+        failed = registry.submitted[1][0]
+        assert failed.status == FAILED and failed.error == "OSError: disk full"
+        await asyncio.gather(*starts)
+
+        drain = asyncio.create_task(runner.drain(timeout=5))
+        await asyncio.sleep(0.01)
+        assert not drain.done() and registry.flushes == 1  # waits for the submitted lines
+        for task, ended in registry.submitted[2:]:
+            task.status = DONE
+            ended(None)
+        await asyncio.wait_for(drain, 1)
+        assert not runner.pending
+
+    asyncio.run(scenario())
+
+
+def test_drain_gives_up_on_submitted_lines_after_its_timeout() -> None:
+    async def scenario() -> None:
+        registry = HeldRegistry()
+        runner = TaskRunner(cast(Registry, registry), delay=0, max_running=10)
+        request = accepted_request(runner, "a")
+        await runner.start(request)
+        await asyncio.wait_for(runner.drain(timeout=0.05), 1)
+        assert len(runner.pending) == 2  # left for the next start to recover
+
+    asyncio.run(scenario())
