@@ -186,31 +186,21 @@ async def health(request: Request, registry: RegistryDep) -> Any:
 
 def add_routes(app: FastAPI) -> None:
     """Register the endpoints on the app itself: since FastAPI 0.137 an included `APIRouter`
-    stays a node of its own that routes every request again (~15 µs per request here)."""
-    app.add_api_route(
-        "/send-notification/{email}",
-        send_notification,
-        methods=["POST"],
-        response_model=Message,
-        responses=REFUSED,
-        tags=["seed"],
+    stays a node of its own that routes every request again (~68,000 CPU instructions each)."""
+    seed = (
+        ("/send-notification/{email}", send_notification),
+        ("/background_tasks", run_bg_task),
+        ("/dependency/background_tasks", dependency_run_bg_task),
     )
-    app.add_api_route(
-        "/background_tasks",
-        run_bg_task,
-        methods=["POST"],
-        response_model=Message,
-        responses=REFUSED,
-        tags=["seed"],
-    )
-    app.add_api_route(
-        "/dependency/background_tasks",
-        dependency_run_bg_task,
-        methods=["POST"],
-        response_model=Message,
-        responses=REFUSED,
-        tags=["seed"],
-    )
+    for path, endpoint in seed:
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            response_model=Message,
+            responses=REFUSED,
+            tags=["seed"],
+        )
     app.add_api_route(
         "/requests/{request_id}",
         get_request,
