@@ -567,22 +567,30 @@ class Registry:
     def _update_tasks(conn: sqlite3.Connection, tasks: Iterable[TaskRecord]) -> None:
         """Store each task's state and where its line was claimed, one statement per shape.
 
-        The two common changes (claimed, and done after its claim) have statements of their
-        own: binding a None costs the sqlite3 module a failed adapter lookup (~4,000 CPU
-        instructions), more than the column write itself."""
+        The common changes (started its delay, claimed, done after its claim) have statements
+        of their own: binding a None costs the sqlite3 module a failed adapter lookup (~4,000
+        CPU instructions), more than the column write itself."""
+        started: list[tuple[Any, ...]] = []
         claimed: list[tuple[Any, ...]] = []
         done: list[tuple[Any, ...]] = []
         other: list[tuple[Any, ...]] = []
         for t in tasks:
-            if t.error is None and t.claim is not None:
+            if t.error is None and t.started_at is not None:
                 if t.status == RUNNING and t.finished_at is None:
-                    claimed.append((t.started_at, t.inode, t.offset, t.claim, t.pk))
+                    if t.claim is None:
+                        started.append((t.started_at, t.pk))
+                    else:
+                        claimed.append((t.started_at, t.inode, t.offset, t.claim, t.pk))
                     continue
-                if t.status == DONE and t.finished_at is not None:
+                if t.status == DONE and t.finished_at is not None and t.claim is not None:
                     done.append((t.finished_at, t.pk))
                     continue
             other.append(
                 (t.status, t.started_at, t.finished_at, t.error, t.inode, t.offset, t.claim, t.pk)
+            )
+        if started:
+            conn.executemany(
+                "UPDATE tasks SET status = 'running', started_at = ? WHERE pk = ?", started
             )
         if claimed:
             conn.executemany(
