@@ -61,3 +61,20 @@ def test_quick_bench_reports_every_measure(tmp_path: Path, generator: str) -> No
         assert results["tail"]["gnu_tail"]["missed"] == 0
     assert report["machine"]["cores"] >= 1
     assert len(report["checks"]) >= 6
+
+
+def test_the_instruction_counter_s_in_process_driver_serves_every_request() -> None:
+    """benchmarks/instructions.py without valgrind (CI has none): it drives the app to the end."""
+    argv = [sys.executable, "benchmarks/instructions.py", "--in-process"]
+    done = subprocess.run(
+        [*argv, "--warm-up", "10", "--requests", "40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "notify: 50 of 50 requests got a 200",
+        "plain: 50 of 50 requests got a 200",
+    ]
