@@ -4,9 +4,10 @@ Each process has one write connection, used on the event loop. Everything queued
 of the loop (new intents, state changes, lines to append) is flushed at the next turn in a single
 transaction, which also claims the file offsets of the lines about to be written; after the
 commit the lines are appended (one `os.write` each, under an exclusive `flock` of the file) and
-the waiters wake. So a response waits for one group commit, never for a commit of its own, and a
-line is only written once its offset is durable: after a `kill -9`, `recover_dead_owners` can
-tell a written line from a lost one by reading the bytes at the claimed offset.
+whoever waits for an intent or submitted a line hears of it. So a response waits for one group
+commit, never for a commit of its own, and a line is only written once its offset is durable:
+after a `kill -9`, `recover_dead_owners` can tell a written line from a lost one by reading the
+bytes at the claimed offset.
 """
 
 from __future__ import annotations
@@ -264,13 +265,11 @@ class Registry:
 
     def close(self) -> None:
         """Flush every pending change, close the database and release the owner lock."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
         self._checkpointer.stop()
         for _ in range(3):  # a flush that writes lines leaves their `done` for one more
-            if self._conn is not None and self._pending:
-                self._flush()
-        if self._flush_handle is not None:  # a retry that a stalled flush scheduled
+            if self._conn is not None:
+                self.flush()
+        if self._flush_handle is not None:  # a retry that the last, stalled flush scheduled
             self._flush_handle.cancel()
             self._flush_handle = None
         # An owner that leaves a claim unfinished keeps its lock file, so that other owners'
