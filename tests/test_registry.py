@@ -34,13 +34,14 @@ def add_task(
     claim: int | None = None,
     seq: int = 0,
 ) -> None:
-    conn.execute(
-        "INSERT OR IGNORE INTO requests VALUES (?, 'POST', '/x', 1.0, 1.1, 200)", (f"r-{task_id}",)
-    )
-    conn.execute(
+    pk = conn.execute(
         "INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at, inode,"
         " write_offset, claim) VALUES (?, ?, ?, ?, ?, ?, ?, 1.0, ?, ?, ?)",
         (task_id, f"r-{task_id}", seq, owner, file, line, status, inode, offset, claim),
+    ).lastrowid
+    conn.execute(
+        "INSERT INTO requests VALUES (?, 'POST', '/x', 1.0, 1.1, 200, ?, ?)",
+        (f"r-{task_id}", pk, pk),
     )
 
 
@@ -203,7 +204,9 @@ def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
 def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
     log, conn = claims_collide(tmp_path)
     for n in range(30):  # newer requests push t2's request past retention
-        conn.execute("INSERT INTO requests VALUES (?, 'POST', '/x', 2.0, 2.1, 200)", (f"new{n}",))
+        conn.execute(
+            "INSERT INTO requests VALUES (?, 'POST', '/x', 2.0, 2.1, 200, NULL, NULL)", (f"new{n}",)
+        )
     owners_dir(tmp_path).mkdir(parents=True)
     fd = os.open(owners_dir(tmp_path) / "dead.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the dead worker is still "alive" while we prune
@@ -284,3 +287,48 @@ def test_a_registry_from_the_first_version_is_migrated_and_its_work_recovered(
     rows = conn.execute("SELECT pk, id, status FROM tasks ORDER BY pk").fetchall()
     assert rows == [(1, "a-1", "done"), (2, "a-2", "recovered")]
     assert (tmp_path / "log.txt").read_bytes() == b"message to a@example.com\n"
+
+
+def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_index(
+    tmp_path: Path,
+) -> None:
+    path = registry_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(
+        """
+        CREATE TABLE requests (id TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL,
+            received_at REAL NOT NULL, response_sent_at REAL, status_code INTEGER);
+        CREATE TABLE tasks (pk INTEGER PRIMARY KEY, id TEXT NOT NULL, request_id TEXT NOT NULL,
+            seq INTEGER NOT NULL, owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL,
+            status TEXT NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
+            error TEXT, inode INTEGER, write_offset INTEGER, claim INTEGER);
+        CREATE INDEX tasks_by_request ON tasks(request_id);
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO counters VALUES ('claim', 0);
+        INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200),
+                                    ('r2', 'POST', '/x', 2.0, 2.1, 200),
+                                    ('plain', 'POST', '/y', 3.0, 3.1, 200);
+        INSERT INTO tasks (pk, id, request_id, seq, owner, file, line, status, queued_at) VALUES
+            (1, 'a-1', 'r1', 0, 'dead', 'log.txt', 'found query: q\n', 'done', 1.0),
+            (2, 'a-2', 'r1', 1, 'dead', 'log.txt', 'message to a@example.com\n', 'done', 1.0),
+            (3, 'a-3', 'r2', 0, 'dead', 'log.txt', 'message to b@example.com\n', 'queued', 2.0);
+        """
+    )
+    old.close()
+    registry = Registry(tmp_path, owner="new", retention=100)
+    recovered = registry.open()
+    try:
+        assert [task.id for task in recovered] == ["a-3"]
+        found = registry.get_request("r1")
+        assert found is not None and [t["id"] for t in found["tasks"]] == ["a-1", "a-2"]
+        found = registry.get_request("plain")
+        assert found is not None and found["tasks"] == []
+        assert registry.get_request("nope") is None
+    finally:
+        registry.close()
+    conn = make_db(tmp_path)
+    spans = conn.execute("SELECT id, first_task, last_task FROM requests ORDER BY rowid").fetchall()
+    assert spans == [("r1", 1, 2), ("r2", 3, 3), ("plain", None, None)]
+    indexes = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    assert ("tasks_by_request",) not in indexes

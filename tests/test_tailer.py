@@ -207,12 +207,15 @@ def test_server_events(tmp_path: Path, follow: Callable[..., Follower]) -> None:
     conn = _registry(tmp_path)
     now = time.time()
     conn.execute(
-        "INSERT INTO requests VALUES ('old0000000', 'GET', '/old', ?, ?, 200)", (now - 1, now - 1)
+        "INSERT INTO requests (id, method, path, received_at, response_sent_at, status_code)"
+        " VALUES ('old0000000', 'GET', '/old', ?, ?, 200)",
+        (now - 1, now - 1),
     )
     follower = follow(events=True)
     rid, t = "1234abcd" * 4, time.time()
     conn.execute(
-        "INSERT INTO requests VALUES (?, 'POST', '/send-notification/a@b.c', ?, ?, 200)",
+        "INSERT INTO requests (id, method, path, received_at, response_sent_at, status_code)"
+        " VALUES (?, 'POST', '/send-notification/a@b.c', ?, ?, 200)",
         (rid, t, t + 0.001),
     )
     conn.execute(
@@ -247,7 +250,11 @@ def test_server_events_registry_created_later(
     time.sleep(0.1)
     conn = _registry(tmp_path)
     t = time.time()
-    conn.execute("INSERT INTO requests VALUES ('abcdef0123', 'GET', '/x', ?, NULL, NULL)", (t,))
+    conn.execute(
+        "INSERT INTO requests (id, method, path, received_at, response_sent_at, status_code)"
+        " VALUES ('abcdef0123', 'GET', '/x', ?, NULL, NULL)",
+        (t,),
+    )
     follower.until(lambda e: e.text == "request received GET /x (req abcdef01)")
     conn.close()
 
