@@ -1,11 +1,11 @@
-"""The task runner's no-delay path against a registry that ends lines only when told to."""
+"""The task runner against a registry that ends lines only when told to."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import cast
 
-from server.records import DONE, FAILED, RequestRecord, TaskRecord
+from server.records import DONE, FAILED, QUEUED, RUNNING, RequestRecord, TaskRecord
 from server.registry import Ended, Registry
 from server.runner import TaskRunner
 
@@ -17,7 +17,11 @@ class HeldRegistry:
 
     def __init__(self) -> None:
         self.submitted: list[tuple[TaskRecord, Ended]] = []
+        self.noted: list[tuple[str, str]] = []
         self.flushes = 0
+
+    def lines(self) -> list[str]:
+        return [task.line for task, _ in self.submitted]
 
     def submit(self, task: TaskRecord, ended: Ended) -> None:
         self.submitted.append((task, ended))
@@ -26,7 +30,7 @@ class HeldRegistry:
         self.flushes += 1
 
     def note_task(self, task: TaskRecord) -> None:
-        pass
+        self.noted.append((task.id, task.status))
 
 
 def accepted_request(runner: TaskRunner, name: str) -> RequestRecord:
@@ -82,5 +86,50 @@ def test_drain_gives_up_on_submitted_lines_after_its_timeout() -> None:
         await runner.start(request)
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
         assert len(runner.pending) == 2  # left for the next start to recover
+
+    asyncio.run(scenario())
+
+
+def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_their_slot() -> None:
+    async def scenario() -> None:
+        registry = HeldRegistry()
+        runner = TaskRunner(cast(Registry, registry), delay=0.02, max_running=1)
+        a, b = accepted_request(runner, "a"), accepted_request(runner, "b")
+        await runner.start(a)
+        await runner.start(b)
+        assert [t.status for t in (*a.tasks, *b.tasks)] == [RUNNING, QUEUED, QUEUED, QUEUED]
+        assert registry.noted == [(a.tasks[0].id, RUNNING)]  # asleep, and the registry knows
+        await asyncio.sleep(0.1)
+        assert registry.lines() == ["found query: a\n"]  # the one slot is a's until it ends
+        registry.submitted[0][1](None)
+        await asyncio.sleep(0.1)
+        # b was waiting for the slot before a's next task was: it goes first
+        assert registry.lines()[1:] == ["found query: b\n"]
+        registry.submitted[1][1](OSError("disk full"))
+        await asyncio.sleep(0.1)
+        assert b.tasks[0].status == FAILED
+        assert registry.lines()[2:] == ["message to a@example.com\n"]
+        registry.submitted[2][1](None)
+        await asyncio.sleep(0.1)
+        assert registry.lines()[3:] == ["message to b@example.com\n"]  # a failure ends no chain
+        registry.submitted[3][1](None)
+        await asyncio.wait_for(runner.drain(timeout=5), 1)
+        assert not runner.pending
+
+    asyncio.run(scenario())
+
+
+def test_drain_leaves_sleeping_and_waiting_tasks_for_the_next_start() -> None:
+    async def scenario() -> None:
+        registry = HeldRegistry()
+        runner = TaskRunner(cast(Registry, registry), delay=30, max_running=1)
+        a, b = accepted_request(runner, "a"), accepted_request(runner, "b")
+        await runner.start(a)
+        await runner.start(b)
+        asleep = list(runner._timers.values())
+        await asyncio.wait_for(runner.drain(timeout=0.05), 1)
+        assert len(runner.pending) == 4 and not registry.submitted
+        assert a.tasks[0].status == RUNNING  # recorded as started: recovery writes it
+        assert len(asleep) == 1 and asleep[0].cancelled()
 
     asyncio.run(scenario())
