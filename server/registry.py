@@ -211,6 +211,40 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+def _write_lines(fd: int, items: list[_Append]) -> list[TaskRecord]:
+    """Append the lines, claimed in turn from the first one's offset, with one `os.write`, and
+    report each one's end; returns the tasks now done. Whole lines in one write: no other
+    writer's bytes can come between or inside them (and one syscall a flush, not one a line).
+    On a short write (disk full) the lines that landed whole are kept; the rest fail, and any
+    part of one is cut off, so that the next line does not follow half a line."""
+    data = items[0][0].data if len(items) == 1 else b"".join([task.data for task, _ in items])
+    error: OSError | None = None
+    try:
+        written = os.write(fd, data)
+    except OSError as exc:
+        written, error = 0, exc
+    landed, kept = len(items), written
+    if written != len(data):
+        error = error or OSError(f"short write: {written} of {len(data)} bytes")
+        landed = kept = 0
+        while kept + len(items[landed][0].data) <= written:
+            kept += len(items[landed][0].data)
+            landed += 1
+        if kept != written:
+            try:
+                os.ftruncate(fd, (items[0][0].offset or 0) + kept)
+            except OSError:
+                logger.exception("could not cut off a partly written line")
+    now = time.time()
+    done = [task for task, _ in items[:landed]]
+    for task, ended in items[:landed]:
+        task.status, task.finished_at = DONE, now
+        ended(None)
+    for _, ended in items[landed:]:
+        ended(error)
+    return done
+
+
 def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -439,19 +473,7 @@ class Registry:
             for future in batch.waiters:
                 _settle(future, None)
             for _, fd, items in locked:
-                for task, ended in items:
-                    try:
-                        written = os.write(fd, task.data)
-                        if written != len(task.data):
-                            # Disk full: never leave half a line for the next one to follow.
-                            os.ftruncate(fd, task.offset or 0)
-                            raise OSError(f"short write: {written} of {len(task.data)} bytes")
-                    except OSError as exc:
-                        ended(exc)
-                        continue
-                    task.status, task.finished_at = DONE, time.time()
-                    done.append(task)
-                    ended(None)
+                done.extend(_write_lines(fd, items))
         finally:
             for name, _, _ in locked:
                 self._files.unlock(name)

@@ -332,3 +332,41 @@ def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_
     assert spans == [("r1", 1, 2), ("r2", 3, 3), ("plain", None, None)]
     indexes = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
     assert ("tasks_by_request",) not in indexes
+
+
+def test_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from server.records import DONE, RequestRecord, TaskRecord
+
+    registry = Registry(tmp_path, owner="me", retention=100)
+    registry.open()
+    lines = ["found query: a\n", "message to a@example.com\n", "found query: b\n", "x\n"]
+    request = RequestRecord("r1", "POST", "/x", 1.0)
+    for n, line in enumerate(lines):
+        request.tasks.append(TaskRecord(f"t{n}", "r1", n, "log.txt", line, 1.0, data=line.encode()))
+    ends: list[BaseException | None] = []
+    real_write = os.write
+
+    def disk_fills_up(fd: int, data: bytes) -> int:  # room for the first line and 3 bytes
+        return real_write(fd, data[: len(lines[0]) + 3])
+
+    async def run() -> None:
+        await registry.commit_intents(request)
+        monkeypatch.setattr(os, "write", disk_fills_up)
+        for task in request.tasks[:3]:
+            registry.submit(task, ends.append)
+        registry.flush()
+        monkeypatch.setattr(os, "write", real_write)
+        await registry.append(request.tasks[3])
+
+    asyncio.run(run())
+    registry.close()
+    assert ends[0] is None
+    tried = sum(len(line) for line in lines[:3])
+    assert [str(e) for e in ends[1:]] == [f"short write: {len(lines[0]) + 3} of {tried} bytes"] * 2
+    assert (tmp_path / "log.txt").read_text() == "found query: a\nx\n"
+    # (marking the two failed is the runner's part, on hearing of the error)
+    assert [t.status for t in request.tasks] == [DONE, "queued", "queued", DONE]
