@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from bgtasks_cli.client import ENDED, Fired, Outcome
 
 if TYPE_CHECKING:
+    # Imported where a table is built: `notify --no-wait` prints none, and it is ~10 ms of
+    # start-up.
+    from rich.table import Table
+
     from bgtasks_cli.tailer import TailEvent
 
 STATUS_STYLE = {
@@ -87,6 +90,8 @@ def timeline(outcome: Outcome) -> Table:
             label = f"task {n} {'FAILED' if failed else 'wrote'}"
             events.append((task["finished_at"], label, str(task.get("error")) if failed else what))
     events.sort(key=lambda e: e[0])
+    from rich.table import Table
+
     table = Table(title=f"timeline of request {fired.request_id}", title_justify="left")
     table.add_column("time", no_wrap=True)
     table.add_column("+ms", justify="right", no_wrap=True)
@@ -155,6 +160,8 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
 
 
 def tasks_table(tasks: Sequence[dict[str, Any]], title: str = "recent tasks") -> Table:
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for name, kwargs in (
         ("task", {"no_wrap": True}),
@@ -226,6 +233,8 @@ def banner(
     drain_timeout: float | None,
     version: str,
 ) -> RenderableType:
+    from rich.table import Table
+
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold cyan", justify="right")
     grid.add_column(overflow="fold")  # paths are shown whole, never cut to "…"
