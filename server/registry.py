@@ -556,16 +556,26 @@ class Registry:
                     ],
                 )
             if request_notes:
-                conn.executemany(
-                    "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)"
-                    " ON CONFLICT(id) DO UPDATE SET"
-                    " response_sent_at = excluded.response_sent_at,"
-                    " status_code = excluded.status_code",
-                    [
-                        (r.id, r.method, r.path, r.received_at, r.response_sent_at, r.status_code)
-                        for r in request_notes.values()
-                    ],
-                )
+                # A request whose tasks were accepted has had its row since their intents; any
+                # other request is recorded now (in place of an earlier one with the same id).
+                sent: list[tuple[Any, ...]] = []
+                other: list[tuple[Any, ...]] = []
+                for r in request_notes.values():
+                    if r.tasks:
+                        sent.append((r.response_sent_at, r.status_code, r.id))
+                    else:
+                        row = (r.id, r.method, r.path, r.received_at, r.response_sent_at)
+                        other.append((*row, r.status_code))
+                if sent:
+                    conn.executemany(
+                        "UPDATE requests SET response_sent_at = ?, status_code = ? WHERE id = ?",
+                        sent,
+                    )
+                if other:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                        other,
+                    )
             if claimed:
                 self._number_claims(conn, claimed)
                 task_notes = {**task_notes, **{t.id: t for t in claimed}}

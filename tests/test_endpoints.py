@@ -61,6 +61,26 @@ def test_intro_without_q_writes_nothing_and_says_so(
     assert live.read("README.md") == b""
 
 
+def test_a_reused_request_id_shows_the_later_request(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    live = start_server()
+    header = {"x-request-id": "client-chosen-1"}
+    url = f"{live.url}/requests/client-chosen-1"
+    first = httpx.post(f"{live.url}/send-notification/a@example.com?q=one", headers=header)
+    wait_until(lambda: finished(live, "client-chosen-1", 2))
+    second = httpx.post(f"{live.url}/send-notification/b@example.com", headers=header)
+    assert first.headers["x-request-id"] == second.headers["x-request-id"] == "client-chosen-1"
+    body = wait_until(lambda: finished(live, "client-chosen-1", 1) and httpx.get(url).json())
+    assert body["path"] == "/send-notification/b@example.com"
+    assert [t["line"] for t in body["tasks"]] == ["message to b@example.com\n"]
+    httpx.post(f"{live.url}/dependency/background_tasks", headers=header)  # queues nothing
+    body = wait_until(lambda: (r := httpx.get(url).json())["tasks"] == [] and r)
+    assert body["path"] == "/dependency/background_tasks" and body["response_sent_at"]
+    written = b"found query: one\nmessage to a@example.com\nmessage to b@example.com\n"
+    assert live.read("log.txt") == written
+
+
 @pytest.mark.parametrize(
     ("path", "params", "field", "rule"),
     [
