@@ -45,3 +45,6 @@ class RequestRecord:
     status_code: int | None = None
     response_sent_at: float | None = None
     tasks: list[TaskRecord] = field(default_factory=list)
+    # Its tasks' intents are committed: the registry has its row, and its tasks are accepted.
+    # (A request can queue tasks and still fail, e.g. a 422 after a dependency ran.)
+    accepted: bool = False

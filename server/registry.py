@@ -3,7 +3,7 @@
 Each process has one write connection, used on the event loop. Everything queued during one turn
 of the loop (new intents, state changes, lines to append) is flushed at the next turn in a single
 transaction, which also claims the file offsets of the lines about to be written; after the
-commit the lines are appended (one `os.write` each, under an exclusive `flock` of the file) and
+commit the lines are appended (one `os.write` per file, under an exclusive `flock` of it) and
 whoever waits for an intent or submitted a line hears of it. So a response waits for one group
 commit, never for a commit of its own, and a line is only written once its offset is durable:
 after a `kill -9`, `recover_dead_owners` can tell a written line from a lost one by reading the
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import sqlite3
@@ -350,12 +349,6 @@ class Registry:
         self._pending.appends.append((task, ended))
         self._schedule(0.0)
 
-    async def append(self, task: TaskRecord) -> None:
-        """`submit`, awaited: raises OSError or RegistryError if the line was not written."""
-        future = asyncio.get_running_loop().create_future()
-        self.submit(task, functools.partial(_settle, future))
-        await future
-
     def flush(self) -> None:
         """Commit (and write) whatever is pending now, without waiting for the loop."""
         if self._flush_handle is not None:
@@ -470,6 +463,8 @@ class Registry:
                 self._stalled(exc, batch, [item for _, _, items in locked for item in items])
                 return
             self._stalled_since = None
+            for request in batch.intents:
+                request.accepted = True
             for future in batch.waiters:
                 _settle(future, None)
             for _, fd, items in locked:
@@ -561,7 +556,7 @@ class Registry:
                 sent: list[tuple[Any, ...]] = []
                 other: list[tuple[Any, ...]] = []
                 for r in request_notes.values():
-                    if r.tasks:
+                    if r.accepted:
                         sent.append((r.response_sent_at, r.status_code, r.id))
                     else:
                         row = (r.id, r.method, r.path, r.received_at, r.response_sent_at)
@@ -672,8 +667,9 @@ class Registry:
 
         Requests and their tasks are keyed in the same order (both at the intent's commit), so
         the tasks of the requests past retention are the keys up to the newest one's last_task.
-        Every statement walks only the rows it deletes, by key: the tasks table needs no index
-        on request_id, which cost ~15 µs a request to keep."""
+        Every statement goes by key, walking the rows past retention (the few it must keep
+        among them too): the tasks table needs no index on request_id, which cost ~15 µs a
+        request to keep."""
         row = conn.execute(
             "SELECT rowid FROM requests ORDER BY rowid DESC LIMIT 1 OFFSET ?", (self.retention,)
         ).fetchone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -79,6 +80,30 @@ def test_a_reused_request_id_shows_the_later_request(
     assert body["path"] == "/dependency/background_tasks" and body["response_sent_at"]
     written = b"found query: one\nmessage to a@example.com\nmessage to b@example.com\n"
     assert live.read("log.txt") == written
+
+
+@pytest.mark.parametrize("reused", [False, True], ids=["fresh-id", "reused-id"])
+def test_a_refused_request_that_had_queued_a_task_is_recorded_without_it(
+    start_server: Callable[..., LiveServer], reused: bool
+) -> None:
+    # FastAPI runs the q dependency (which queues its line) before it checks the address.
+    live = start_server()
+    headers = {"x-request-id": "client-chosen-2"}
+    url = f"{live.url}/requests/client-chosen-2"
+    if reused:  # an accepted request has the id first
+        httpx.post(f"{live.url}/send-notification/a@example.com", headers=headers)
+        wait_until(lambda: finished(live, "client-chosen-2", 1))
+    bad = f"{live.url}/send-notification/not-an-email"
+    assert httpx.post(bad, params={"q": "hi"}, headers=headers).status_code == 422
+
+    def refusal() -> dict[str, Any] | None:
+        response = httpx.get(url)
+        found = response.json() if response.status_code == 200 else None
+        return found if found and found["status_code"] == 422 else None
+
+    body = wait_until(refusal)
+    assert body["path"] == "/send-notification/not-an-email" and body["tasks"] == []
+    assert live.read("log.txt") == (b"message to a@example.com\n" if reused else b"")
 
 
 @pytest.mark.parametrize(

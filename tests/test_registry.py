@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sqlite3
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.paths import owners_dir, registry_path
+from server.records import DONE, RequestRecord, TaskRecord
 from server.registry import SCHEMA, Registry
 
 
@@ -47,6 +49,20 @@ def add_task(
 
 def status_of(conn: sqlite3.Connection, task_id: str) -> str:
     return str(conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0])
+
+
+async def append(registry: Registry, task: TaskRecord) -> None:
+    """Submit the task's line and wait for its end; raise its error."""
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def report(error: BaseException | None) -> None:
+        if error is None:
+            ended.set_result(None)
+        else:
+            ended.set_exception(error)
+
+    registry.submit(task, report)
+    await ended
 
 
 def recover(data_dir: Path) -> list[str]:
@@ -165,10 +181,6 @@ def test_recovery_never_writes_through_a_symlink(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("retention", [10, 50])
 def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
-    import asyncio
-
-    from server.records import RequestRecord, TaskRecord
-
     registry = Registry(tmp_path, owner="me", retention=retention)
     registry.open()
 
@@ -187,7 +199,7 @@ def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
                 )
             )
             await registry.commit_intents(request)
-            await registry.append(request.tasks[0])
+            await append(registry, request.tasks[0])
             registry.note_request(request)
         await asyncio.sleep(0.05)
 
@@ -225,9 +237,6 @@ def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
 def test_the_prune_floor_holds_this_process_s_claims_until_their_end_is_committed(
     tmp_path: Path,
 ) -> None:
-    import asyncio
-
-    from server.records import RequestRecord, TaskRecord
     from server.registry import NOTE_WINDOW_S
 
     registry = Registry(tmp_path, owner="me", retention=10)
@@ -243,7 +252,7 @@ def test_the_prune_floor_holds_this_process_s_claims_until_their_end_is_committe
         assert conn is not None
         floors.append(registry._oldest_open_claim(conn))
         await registry.commit_intents(request)
-        await registry.append(task)  # claimed and written; `done` rides a later commit
+        await append(registry, task)  # claimed and written; `done` rides a later commit
         floors.append(registry._oldest_open_claim(conn))
         await asyncio.sleep(NOTE_WINDOW_S * 3)
         floors.append(registry._oldest_open_claim(conn))
@@ -325,11 +334,22 @@ def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_
         found = registry.get_request("plain")
         assert found is not None and found["tasks"] == []
         assert registry.get_request("nope") is None
+        request = RequestRecord("r3", "POST", "/x", 4.0, status_code=200)
+        line = "message to c@example.com\n"
+        request.tasks.append(TaskRecord("new-1", "r3", 0, "log.txt", line, 4.0, data=line.encode()))
+
+        async def a_request_of_this_version() -> None:
+            await registry.commit_intents(request)
+            await append(registry, request.tasks[0])
+
+        asyncio.run(a_request_of_this_version())
+        found = registry.get_request("r3")
+        assert found is not None and [t["id"] for t in found["tasks"]] == ["new-1"]
     finally:
         registry.close()
     conn = make_db(tmp_path)
     spans = conn.execute("SELECT id, first_task, last_task FROM requests ORDER BY rowid").fetchall()
-    assert spans == [("r1", 1, 2), ("r2", 3, 3), ("plain", None, None)]
+    assert spans == [("r1", 1, 2), ("r2", 3, 3), ("plain", None, None), ("r3", 4, 4)]
     indexes = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
     assert ("tasks_by_request",) not in indexes
 
@@ -337,10 +357,6 @@ def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_
 def test_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import asyncio
-
-    from server.records import DONE, RequestRecord, TaskRecord
-
     registry = Registry(tmp_path, owner="me", retention=100)
     registry.open()
     lines = ["found query: a\n", "message to a@example.com\n", "found query: b\n", "x\n"]
@@ -360,7 +376,7 @@ def test_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one(
             registry.submit(task, ends.append)
         registry.flush()
         monkeypatch.setattr(os, "write", real_write)
-        await registry.append(request.tasks[3])
+        await append(registry, request.tasks[3])
 
     asyncio.run(run())
     registry.close()

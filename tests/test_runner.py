@@ -85,7 +85,8 @@ def test_drain_gives_up_on_submitted_lines_after_its_timeout() -> None:
         request = accepted_request(runner, "a")
         await runner.start(request)
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
-        assert len(runner.pending) == 2  # left for the next start to recover
+        # still pending: the registry's close writes what was submitted, the next start the rest
+        assert len(runner.pending) == 2
 
     asyncio.run(scenario())
 
@@ -131,5 +132,19 @@ def test_drain_leaves_sleeping_and_waiting_tasks_for_the_next_start() -> None:
         assert len(runner.pending) == 4 and not registry.submitted
         assert a.tasks[0].status == RUNNING  # recorded as started: recovery writes it
         assert len(asleep) == 1 and asleep[0].cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_after_drain_gives_up_a_late_end_starts_nothing_more() -> None:
+    async def scenario() -> None:
+        registry = HeldRegistry()
+        runner = TaskRunner(cast(Registry, registry), delay=0, max_running=1)
+        await runner.start(accepted_request(runner, "a"))
+        await asyncio.wait_for(runner.drain(timeout=0.05), 1)
+        assert registry.lines() == ["found query: a\n"]  # the second waits for the slot
+        registry.submitted[0][1](None)  # written by the registry's close, after the drain
+        assert registry.lines() == ["found query: a\n"]
+        assert [t.line for t in runner.pending.values()] == ["message to a@example.com\n"]
 
     asyncio.run(scenario())
