@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/bench.py            # full run: 3 repeats, about 4 minutes on 2 cores
+    python benchmarks/bench.py            # full run: 3 repeats, about 7 minutes on 2 cores
     python benchmarks/bench.py --quick    # small counts, under 60 s; CI keeps it working
 
 Each repeat starts its own servers (uvicorn subprocesses, one worker, a free 127.0.0.1 port, a
