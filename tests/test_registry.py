@@ -264,30 +264,41 @@ def test_the_prune_floor_holds_this_process_s_claims_until_their_end_is_committe
     assert status_of(make_db(tmp_path), "t1") == "done"
 
 
-def test_a_registry_from_the_first_version_is_migrated_and_its_work_recovered(
-    tmp_path: Path,
-) -> None:
-    path = registry_path(tmp_path)
+def old_registry(data_dir: Path, tasks_and_rows: str) -> None:
+    """A registry as an earlier version left it: the same requests and counters tables, the
+    given tasks table with an index on request_id, and the given rows."""
+    path = registry_path(data_dir)
     path.parent.mkdir(parents=True)
     old = sqlite3.connect(path, isolation_level=None)
     old.executescript(
         """
         CREATE TABLE requests (id TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL,
             received_at REAL NOT NULL, response_sent_at REAL, status_code INTEGER);
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO counters VALUES ('claim', 0);
+        """
+        + tasks_and_rows
+        + "CREATE INDEX tasks_by_request ON tasks(request_id);"
+    )
+    old.close()
+
+
+def test_a_registry_from_the_first_version_is_migrated_and_its_work_recovered(
+    tmp_path: Path,
+) -> None:
+    old_registry(
+        tmp_path,
+        """
         CREATE TABLE tasks (id TEXT PRIMARY KEY, request_id TEXT NOT NULL, seq INTEGER NOT NULL,
             owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL, status TEXT NOT NULL,
             queued_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT,
             inode INTEGER, write_offset INTEGER, claim INTEGER);
-        CREATE INDEX tasks_by_request ON tasks(request_id);
-        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-        INSERT INTO counters VALUES ('claim', 0);
         INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200);
         INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at)
             VALUES ('a-1', 'r1', 0, 'dead', 'log.txt', 'found query: q\n', 'done', 1.0),
                    ('a-2', 'r1', 1, 'dead', 'log.txt', 'message to a@example.com\n', 'queued', 1.0);
-        """
+        """,
     )
-    old.close()
     registry = Registry(tmp_path, owner="new", retention=100)
     recovered = registry.open()
     registry.close()
@@ -301,20 +312,13 @@ def test_a_registry_from_the_first_version_is_migrated_and_its_work_recovered(
 def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_index(
     tmp_path: Path,
 ) -> None:
-    path = registry_path(tmp_path)
-    path.parent.mkdir(parents=True)
-    old = sqlite3.connect(path, isolation_level=None)
-    old.executescript(
+    old_registry(
+        tmp_path,
         """
-        CREATE TABLE requests (id TEXT PRIMARY KEY, method TEXT NOT NULL, path TEXT NOT NULL,
-            received_at REAL NOT NULL, response_sent_at REAL, status_code INTEGER);
         CREATE TABLE tasks (pk INTEGER PRIMARY KEY, id TEXT NOT NULL, request_id TEXT NOT NULL,
             seq INTEGER NOT NULL, owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL,
             status TEXT NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
             error TEXT, inode INTEGER, write_offset INTEGER, claim INTEGER);
-        CREATE INDEX tasks_by_request ON tasks(request_id);
-        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-        INSERT INTO counters VALUES ('claim', 0);
         INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200),
                                     ('r2', 'POST', '/x', 2.0, 2.1, 200),
                                     ('plain', 'POST', '/y', 3.0, 3.1, 200);
@@ -322,9 +326,8 @@ def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_
             (1, 'a-1', 'r1', 0, 'dead', 'log.txt', 'found query: q\n', 'done', 1.0),
             (2, 'a-2', 'r1', 1, 'dead', 'log.txt', 'message to a@example.com\n', 'done', 1.0),
             (3, 'a-3', 'r2', 0, 'dead', 'log.txt', 'message to b@example.com\n', 'queued', 2.0);
-        """
+        """,
     )
-    old.close()
     registry = Registry(tmp_path, owner="new", retention=100)
     recovered = registry.open()
     try:

@@ -41,6 +41,18 @@ def accepted_request(runner: TaskRunner, name: str) -> RequestRecord:
     return request
 
 
+async def two_started(
+    delay: float,
+) -> tuple[HeldRegistry, TaskRunner, RequestRecord, RequestRecord]:
+    """Requests a and b accepted and started, in that order, on a runner with one slot."""
+    registry = HeldRegistry()
+    runner = TaskRunner(cast(Registry, registry), delay=delay, max_running=1)
+    a, b = accepted_request(runner, "a"), accepted_request(runner, "b")
+    await runner.start(a)
+    await runner.start(b)
+    return registry, runner, a, b
+
+
 def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
     async def scenario() -> None:
         registry = HeldRegistry()
@@ -93,11 +105,7 @@ def test_drain_gives_up_on_submitted_lines_after_its_timeout() -> None:
 
 def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_their_slot() -> None:
     async def scenario() -> None:
-        registry = HeldRegistry()
-        runner = TaskRunner(cast(Registry, registry), delay=0.02, max_running=1)
-        a, b = accepted_request(runner, "a"), accepted_request(runner, "b")
-        await runner.start(a)
-        await runner.start(b)
+        registry, runner, a, b = await two_started(delay=0.02)
         assert [t.status for t in (*a.tasks, *b.tasks)] == [RUNNING, QUEUED, QUEUED, QUEUED]
         assert registry.noted == [(a.tasks[0].id, RUNNING)]  # asleep, and the registry knows
         await asyncio.sleep(0.1)
@@ -122,11 +130,7 @@ def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_thei
 
 def test_drain_leaves_sleeping_and_waiting_tasks_for_the_next_start() -> None:
     async def scenario() -> None:
-        registry = HeldRegistry()
-        runner = TaskRunner(cast(Registry, registry), delay=30, max_running=1)
-        a, b = accepted_request(runner, "a"), accepted_request(runner, "b")
-        await runner.start(a)
-        await runner.start(b)
+        registry, runner, a, _ = await two_started(delay=30)
         asleep = list(runner._timers.values())
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
         assert len(runner.pending) == 4 and not registry.submitted
