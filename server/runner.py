@@ -101,11 +101,12 @@ class TaskRunner:
         tasks, index = step
         task = tasks[index]
         self._running += 1
-        task.status, task.started_at = RUNNING, time.time()
+        task.status = RUNNING
         if not self.delay:
-            # The claim, in the same commit as the write, records it running.
+            # With no delay the write is all it does: it starts when its line is claimed.
             self.registry.submit(task, functools.partial(self._ended, step))
             return
+        task.started_at = time.time()
         self.registry.note_task(task)
         loop = asyncio.get_running_loop()
         self._timers[task.id] = loop.call_later(self.delay, self._wake, step)

@@ -37,10 +37,16 @@ def add_task(
     seq: int = 0,
 ) -> None:
     pk = conn.execute(
-        "INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at, inode,"
-        " write_offset, claim) VALUES (?, ?, ?, ?, ?, ?, ?, 1.0, ?, ?, ?)",
-        (task_id, f"r-{task_id}", seq, owner, file, line, status, inode, offset, claim),
+        "INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 1.0)",
+        (task_id, f"r-{task_id}", seq, owner, file, line, status),
     ).lastrowid
+    if claim is not None:
+        ended = status not in ("queued", "running")
+        conn.execute(
+            "INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (claim, owner, file, inode, offset, str(pk), ended),
+        )
     conn.execute(
         "INSERT INTO requests VALUES (?, 'POST', '/x', 1.0, 1.1, 200, ?, ?)",
         (f"r-{task_id}", pk, pk),
@@ -210,6 +216,8 @@ def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
     tasks = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
     assert retention <= requests <= retention * 1.1 + 1
     assert tasks == requests
+    # every line was claimed on its own; ended claims go at each prune
+    assert conn.execute("SELECT count(*) FROM claims").fetchone()[0] <= retention
     assert (tmp_path / "log.txt").read_bytes().count(b"\n") == 600
 
 
@@ -227,7 +235,9 @@ def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
         registry.open()
         registry._prune(registry._conn)  # type: ignore[arg-type]
         registry.close()
-        assert status_of(conn, "t2") == "done"  # kept: t1's recovery depends on it
+        # t2's row went with its request; its claim stays: t1's recovery depends on it
+        assert conn.execute("SELECT count(*) FROM tasks WHERE id = 't2'").fetchone()[0] == 0
+        assert conn.execute("SELECT claim FROM claims ORDER BY claim").fetchall() == [(1,), (2,)]
     finally:
         os.close(fd)
     recover(tmp_path)
@@ -389,3 +399,74 @@ def test_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one(
     assert (tmp_path / "log.txt").read_text() == "found query: a\nx\n"
     # (marking the two failed is the runner's part, on hearing of the error)
     assert [t.status for t in request.tasks] == [DONE, "queued", "queued", DONE]
+
+
+def test_a_claim_s_lines_are_placed_one_after_another_and_only_the_missing_ones_written(
+    tmp_path: Path,
+) -> None:
+    """One claim of three lines (keys 1, 3 and 4: key 2 is another file's) from offset 8:
+    the first landed whole, the second in part, the third not at all."""
+    lines = ["found query: a\n", "message to a@example.com\n", "found query: b\n"]
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"earlier\n" + lines[0].encode() + b"message to")
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", lines[0])
+    add_task(conn, "other", "x\n", file="README.md", status="queued")
+    add_task(conn, "t2", lines[1], seq=1)
+    add_task(conn, "t3", lines[2], seq=2)
+    conn.execute(
+        "INSERT INTO claims VALUES (7, 'dead', 'log.txt', ?, 8, '1,3-4', 0)",
+        (log.stat().st_ino,),
+    )
+    assert sorted(recover(tmp_path)) == ["other", "t1", "t2", "t3"]
+    assert log.read_bytes() == b"earlier\n" + "".join(lines).encode()
+    assert (tmp_path / "README.md").read_bytes() == b"x\n"
+    assert conn.execute("SELECT count(*) FROM claims WHERE NOT ended").fetchone()[0] == 0
+
+
+def test_a_recovery_that_died_after_writing_is_not_written_again(tmp_path: Path) -> None:
+    """The dead owner claimed offset 8 and never wrote; its recoverer claimed the end of the
+    file in the dead owner's name (claim 2), wrote the line, and died before marking it."""
+    line = "message to a@example.com\n"
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"earlier\n" + b"someone\n" + line.encode())
+    inode = log.stat().st_ino
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", line, inode=inode, offset=8, claim=1)
+    conn.execute("INSERT INTO claims VALUES (2, 'dead', 'log.txt', ?, 16, '1', 0)", (inode,))
+    assert recover(tmp_path) == ["t1"]
+    assert log.read_bytes() == b"earlier\nsomeone\n" + line.encode()
+
+
+def test_a_registry_from_the_third_version_keeps_its_claims(tmp_path: Path) -> None:
+    """A dead owner's two claimed lines, one written and one not, in a registry that kept
+    claims on the task rows and numbered them in a counters table."""
+    written, lost = "found query: q\n", "message to a@example.com\n"
+    log = tmp_path / "log.txt"
+    log.write_bytes(written.encode())
+    old_registry(
+        tmp_path,
+        f"""
+        ALTER TABLE requests ADD COLUMN first_task INTEGER;
+        ALTER TABLE requests ADD COLUMN last_task INTEGER;
+        CREATE TABLE tasks (pk INTEGER PRIMARY KEY, id TEXT NOT NULL, request_id TEXT NOT NULL,
+            seq INTEGER NOT NULL, owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL,
+            status TEXT NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
+            error TEXT, inode INTEGER, write_offset INTEGER, claim INTEGER);
+        INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200, 1, 2);
+        INSERT INTO tasks VALUES
+            (1, 'a-1', 'r1', 0, 'dead', 'log.txt', '{written}', 'running', 1.0, 1.0, NULL, NULL,
+             {log.stat().st_ino}, 0, 5),
+            (2, 'a-2', 'r1', 1, 'dead', 'log.txt', '{lost}', 'running', 1.0, 1.0, NULL, NULL,
+             {log.stat().st_ino}, {len(written)}, 6);
+        UPDATE counters SET value = 6;
+        """,
+    )
+    assert recover(tmp_path) == ["a-1", "a-2"]
+    assert log.read_bytes() == (written + lost).encode()
+    conn = make_db(tmp_path)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(tasks)")]
+    assert "claim" not in columns
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "counters" not in tables
+    assert conn.execute("SELECT max(claim) FROM claims").fetchone()[0] == 7  # numbering went on
