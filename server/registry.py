@@ -221,9 +221,9 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def _write_lines(fd: int, items: list[_Append]) -> list[TaskRecord]:
-    """Append the lines, claimed in turn from the first one's offset, with one `os.write`, and
-    report each one's end; returns the tasks now done. Whole lines in one write: no other
+def _write_lines(fd: int, items: list[_Append]) -> None:
+    """Append the lines, claimed in turn from the first one's offset, with one `os.write`, mark
+    the ones written done and report each one's end. Whole lines in one write: no other
     writer's bytes can come between or inside them (and one syscall a flush, not one a line).
     On a short write (disk full) the lines that landed whole are kept; the rest fail, and any
     part of one is cut off, so that the next line does not follow half a line."""
@@ -246,13 +246,12 @@ def _write_lines(fd: int, items: list[_Append]) -> list[TaskRecord]:
             except OSError:
                 logger.exception("could not cut off a partly written line")
     now = time.time()
-    done = [task for task, _ in items[:landed]]
-    for task, ended in items[:landed]:
+    for task, _ in items[:landed]:
         task.status, task.finished_at = DONE, now
+    for _, ended in items[:landed]:
         ended(None)
     for _, ended in items[landed:]:
         ended(error)
-    return done
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -441,6 +440,8 @@ class Registry:
                 _settle(future, error)
             for _, ended in batch.appends:
                 ended(error)
+            self._keep_notes(batch)
+            self._schedule(NOTE_WINDOW_S)
 
     def _cycle(self, batch: _Batch) -> None:
         conn = self._require(self._conn)
@@ -448,7 +449,6 @@ class Registry:
         for task, ended in batch.appends:
             by_file.setdefault(task.file, []).append((task, ended))
         locked: list[tuple[str, int, list[_Append]]] = []
-        done: list[TaskRecord] = []
         claimed: list[int] = []
         try:
             # One fixed order across every process, or two workers can deadlock on the files.
@@ -479,16 +479,18 @@ class Registry:
             for future in batch.waiters:
                 _settle(future, None)
             for _, fd, items in locked:
-                done.extend(_write_lines(fd, items))
+                _write_lines(fd, items)
         finally:
             for name, _, _ in locked:
                 self._files.unlock(name)
-            # Every line of these claims has now ended, written or not (a failure is noted by
-            # whoever `ended` reported it to): the claims end in the commit of those ends.
-            self._pending.ended_claims.extend(claimed)
-            for task in done:
-                self._pending.task_notes[task.id] = task
             if claimed:
+                # Every line of these claims has now ended, written or not (a failure is noted
+                # by whoever `ended` reported it to): the claims end in the commit of those ends.
+                self._pending.ended_claims.extend(claimed)
+                for _, _, items in locked:
+                    for task, _ in items:
+                        if task.status == DONE:
+                            self._pending.task_notes[task.id] = task
                 self._schedule(NOTE_WINDOW_S)
 
     def _stalled(self, exc: sqlite3.Error, batch: _Batch, appends: list[_Append]) -> None:
@@ -511,12 +513,17 @@ class Registry:
             pending.waiters[:0] = batch.waiters
             # Appends already refused (their file could not be opened) are not retried.
             pending.appends[:0] = appends
+        self._keep_notes(batch)
+        self._schedule(RETRY_S)
+
+    def _keep_notes(self, batch: _Batch) -> None:
+        """Carry an uncommitted batch's state changes over to the next one: they are never
+        dropped (a claim left open would hold the prune's floor until the next start)."""
         for key, request in batch.request_notes.items():
             self._pending.request_notes.setdefault(key, request)
         for key, task in batch.task_notes.items():
             self._pending.task_notes.setdefault(key, task)
         self._pending.ended_claims.extend(batch.ended_claims)
-        self._schedule(RETRY_S)
 
     def _commit(
         self, conn: sqlite3.Connection, batch: _Batch, claims: list[list[TaskRecord]]

@@ -229,7 +229,7 @@ def test_pruning_keeps_the_claims_recovery_still_needs(tmp_path: Path) -> None:
         )
     owners_dir(tmp_path).mkdir(parents=True)
     fd = os.open(owners_dir(tmp_path) / "dead.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # the dead worker is still "alive" while we prune
+    fcntl.flock(fd, fcntl.LOCK_EX)  # so that the pruner's open() does not recover it first
     try:
         registry = Registry(tmp_path, owner="pruner", retention=10)
         registry.open()
@@ -425,15 +425,17 @@ def test_a_claim_s_lines_are_placed_one_after_another_and_only_the_missing_ones_
 
 
 def test_a_recovery_that_died_after_writing_is_not_written_again(tmp_path: Path) -> None:
-    """The dead owner claimed offset 8 and never wrote; its recoverer claimed the end of the
-    file in the dead owner's name (claim 2), wrote the line, and died before marking it."""
+    """The dead owner claimed offset 8 (claim 1) and never wrote; another worker then wrote
+    there (claim 2); the dead owner's recoverer claimed the end of the file in its name
+    (claim 3), wrote the line, and died before marking it."""
     line = "message to a@example.com\n"
     log = tmp_path / "log.txt"
     log.write_bytes(b"earlier\n" + b"someone\n" + line.encode())
     inode = log.stat().st_ino
     conn = make_db(tmp_path)
     add_task(conn, "t1", line, inode=inode, offset=8, claim=1)
-    conn.execute("INSERT INTO claims VALUES (2, 'dead', 'log.txt', ?, 16, '1', 0)", (inode,))
+    add_task(conn, "s1", "someone\n", owner="other", status="done", inode=inode, offset=8, claim=2)
+    conn.execute("INSERT INTO claims VALUES (3, 'dead', 'log.txt', ?, 16, '1', 0)", (inode,))
     assert recover(tmp_path) == ["t1"]
     assert log.read_bytes() == b"earlier\nsomeone\n" + line.encode()
 
@@ -470,3 +472,62 @@ def test_a_registry_from_the_third_version_keeps_its_claims(tmp_path: Path) -> N
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert "counters" not in tables
     assert conn.execute("SELECT max(claim) FROM claims").fetchone()[0] == 7  # numbering went on
+
+
+def test_a_later_claim_that_started_before_a_line_means_the_line_is_not_there(
+    tmp_path: Path,
+) -> None:
+    """The dead owner claimed "aa" and "bb" from offset 0 and wrote nothing; another worker's
+    later claim, also from 0, wrote "xx" and "bb". The "bb" at offset 3 is not the dead one's."""
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"xx\nbb\n")
+    inode = log.stat().st_ino
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "aa\n")
+    add_task(conn, "t2", "bb\n", seq=1)
+    conn.execute("INSERT INTO claims VALUES (1, 'dead', 'log.txt', ?, 0, '1-2', 0)", (inode,))
+    conn.execute("INSERT INTO claims VALUES (2, 'other', 'log.txt', ?, 0, '3-4', 1)", (inode,))
+    assert recover(tmp_path) == ["t1", "t2"]
+    assert log.read_bytes() == b"xx\nbb\naa\nbb\n"
+
+
+def test_one_group_commit_claims_each_file_once_with_its_lines_in_write_order(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "README.md").write_bytes(b"# notes\n")
+    registry = Registry(tmp_path, owner="me", retention=100)
+    registry.open()
+    first = RequestRecord("r1", "POST", "/x", 1.0)
+    second = RequestRecord("r2", "POST", "/x", 2.0)
+    for request, file, line in [
+        (first, "log.txt", "found query: a\n"),
+        (first, "README.md", "intro\n"),
+        (first, "log.txt", "message to a@example.com\n"),
+        (second, "log.txt", "message to b@example.com\n"),
+    ]:
+        task_id = f"{request.id}-{len(request.tasks)}"
+        task = TaskRecord(task_id, request.id, len(request.tasks), file, line, 1.0)
+        task.data = line.encode()
+        request.tasks.append(task)
+    ends: list[BaseException | None] = []
+
+    async def run() -> None:
+        await registry.commit_intents(first)
+        await registry.commit_intents(second)
+        # written in this order, not in key order
+        for task in [second.tasks[0], *first.tasks]:
+            registry.submit(task, ends.append)
+        registry.flush()
+        await asyncio.sleep(0.2)
+
+    asyncio.run(run())
+    registry.close()
+    assert ends == [None] * 4
+    conn = make_db(tmp_path)
+    claims = conn.execute("SELECT file, start, tasks, ended FROM claims ORDER BY claim").fetchall()
+    assert claims == [("README.md", 8, "2", 1), ("log.txt", 0, "4,1,3", 1)]
+    assert (tmp_path / "log.txt").read_bytes() == (
+        b"message to b@example.com\nfound query: a\nmessage to a@example.com\n"
+    )
+    rows = conn.execute("SELECT status, started_at IS NOT NULL FROM tasks").fetchall()
+    assert rows == [("done", 1)] * 4

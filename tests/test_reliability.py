@@ -255,6 +255,25 @@ def test_a_locked_registry_refuses_new_work_fails_running_tasks_and_keeps_servin
     wait_until(lambda: live.read("log.txt") == b"message to c@example.com\n")
 
 
+def test_a_write_that_meets_a_locked_registry_goes_through_once_it_is_free(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    live = start_server(delay=0.5)
+    accepted = httpx.post(f"{live.url}/send-notification/a@example.com")
+    assert accepted.status_code == 200
+    blocker = sqlite3.connect(registry_path(live.data_dir), isolation_level=None, timeout=10)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        time.sleep(1.0)  # the write comes due while the lock is held: its claim cannot commit
+        assert live.read("log.txt") == b""
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_until(lambda: live.read("log.txt") == b"message to a@example.com\n")
+    wait_until(lambda: registry_rows(live.data_dir, "SELECT status FROM tasks") == [("done",)])
+    assert registry_rows(live.data_dir, "SELECT count(*) FROM claims WHERE NOT ended") == [(0,)]
+
+
 def raw_request(url: str, request: bytes) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
