@@ -274,6 +274,15 @@ def test_the_prune_floor_holds_this_process_s_claims_until_their_end_is_committe
     assert status_of(make_db(tmp_path), "t1") == "done"
 
 
+# The tasks table of the second and third versions: keyed by pk, each line's claim on its row.
+TASKS_WITH_CLAIMS = """
+        CREATE TABLE tasks (pk INTEGER PRIMARY KEY, id TEXT NOT NULL, request_id TEXT NOT NULL,
+            seq INTEGER NOT NULL, owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL,
+            status TEXT NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
+            error TEXT, inode INTEGER, write_offset INTEGER, claim INTEGER);
+"""
+
+
 def old_registry(data_dir: Path, tasks_and_rows: str) -> None:
     """A registry as an earlier version left it: the same requests and counters tables, the
     given tasks table with an index on request_id, and the given rows."""
@@ -324,11 +333,8 @@ def test_a_registry_from_the_second_version_finds_a_request_s_tasks_without_its_
 ) -> None:
     old_registry(
         tmp_path,
-        """
-        CREATE TABLE tasks (pk INTEGER PRIMARY KEY, id TEXT NOT NULL, request_id TEXT NOT NULL,
-            seq INTEGER NOT NULL, owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL,
-            status TEXT NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
-            error TEXT, inode INTEGER, write_offset INTEGER, claim INTEGER);
+        TASKS_WITH_CLAIMS
+        + """
         INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200),
                                     ('r2', 'POST', '/x', 2.0, 2.1, 200),
                                     ('plain', 'POST', '/y', 3.0, 3.1, 200);
@@ -451,10 +457,7 @@ def test_a_registry_from_the_third_version_keeps_its_claims(tmp_path: Path) -> N
         f"""
         ALTER TABLE requests ADD COLUMN first_task INTEGER;
         ALTER TABLE requests ADD COLUMN last_task INTEGER;
-        CREATE TABLE tasks (pk INTEGER PRIMARY KEY, id TEXT NOT NULL, request_id TEXT NOT NULL,
-            seq INTEGER NOT NULL, owner TEXT NOT NULL, file TEXT NOT NULL, line TEXT NOT NULL,
-            status TEXT NOT NULL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
-            error TEXT, inode INTEGER, write_offset INTEGER, claim INTEGER);
+        {TASKS_WITH_CLAIMS}
         INSERT INTO requests VALUES ('r1', 'POST', '/x', 1.0, 1.1, 200, 1, 2);
         INSERT INTO tasks VALUES
             (1, 'a-1', 'r1', 0, 'dead', 'log.txt', '{written}', 'running', 1.0, 1.0, NULL, NULL,
