@@ -141,11 +141,18 @@ class _Batch:
 class Checkpointer:
     """Copies the WAL back into the database from a thread of its own, every `interval`
     seconds. SQLite would otherwise checkpoint inside a commit, on the event loop, stalling
-    every request for the copy and its fsync."""
+    every request for the copy and its fsync.
 
-    def __init__(self, path: Path, interval: float = 0.5) -> None:
+    A passive checkpoint never waits, so under steady load a commit always lands while it
+    copies and the WAL never starts over: it grew by ~6 MB a second here. Once the WAL holds
+    more than `truncate_frames` pages, the round ends with a TRUNCATE checkpoint, which holds
+    off writers only while it copies the few pages the passive one left and empties the file.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.5, truncate_frames: int = 1000) -> None:
         self._path = path
         self._interval = interval
+        self._truncate_frames = truncate_frames
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -160,13 +167,21 @@ class Checkpointer:
             self._thread = None
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self._path, timeout=1.0, isolation_level=None)
+        # The timeout bounds how long a TRUNCATE waits for a commit or a reader to finish,
+        # holding the write lock; the writer's own busy timeout (BUSY_WAIT_S) is longer.
+        conn = sqlite3.connect(self._path, timeout=0.02, isolation_level=None)
         try:
             while not self._stop.wait(self._interval):
                 with contextlib.suppress(sqlite3.Error):  # busy: the next round catches up
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self.checkpoint(conn)
         finally:
             conn.close()
+
+    def checkpoint(self, conn: sqlite3.Connection) -> None:
+        """One round: copy what can be copied without waiting; truncate a WAL grown too big."""
+        _, wal_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if wal_frames > self._truncate_frames:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
 
 class DataFiles:
@@ -927,8 +942,12 @@ def _place_claimed(conn: sqlite3.Connection, owner: str, tasks: list[TaskRecord]
         offset = start
         for key in _unpack_keys(keys):
             task = by_key.get(key)
-            if task is None:
-                break  # its line's length is unknown, so where the next ones went is too
+            if task is None:  # it ended: its line, written or not, still had its room
+                row = conn.execute("SELECT line FROM tasks WHERE pk = ?", (key,)).fetchone()
+                if row is None:
+                    break  # pruned: its length is unknown, so where the next lines went is too
+                offset += len(row[0].encode())
+                continue
             task.claim, task.inode, task.offset = claim, inode, offset
             offset += len(task.data)
 

@@ -12,7 +12,7 @@ import pytest
 
 from server.paths import owners_dir, registry_path
 from server.records import DONE, RequestRecord, TaskRecord
-from server.registry import SCHEMA, Registry
+from server.registry import SCHEMA, Checkpointer, Registry, connect
 
 
 def make_db(data_dir: Path) -> sqlite3.Connection:
@@ -430,6 +430,23 @@ def test_a_claim_s_lines_are_placed_one_after_another_and_only_the_missing_ones_
     assert conn.execute("SELECT count(*) FROM claims WHERE NOT ended").fetchone()[0] == 0
 
 
+def test_a_claim_s_line_that_ended_still_takes_its_room(tmp_path: Path) -> None:
+    """Keys 1-3 from offset 0: the first line's task is done, the second landed, the third
+    did not. The done line's length places the others."""
+    lines = ["found query: a\n", "message to a@example.com\n", "found query: b\n"]
+    log = tmp_path / "log.txt"
+    log.write_bytes("".join(lines[:2]).encode())
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", lines[0], status="done")
+    add_task(conn, "t2", lines[1], seq=1)
+    add_task(conn, "t3", lines[2], seq=2)
+    conn.execute(
+        "INSERT INTO claims VALUES (1, 'dead', 'log.txt', ?, 0, '1-3', 0)", (log.stat().st_ino,)
+    )
+    assert sorted(recover(tmp_path)) == ["t2", "t3"]
+    assert log.read_bytes() == "".join(lines).encode()
+
+
 def test_a_recovery_that_died_after_writing_is_not_written_again(tmp_path: Path) -> None:
     """The dead owner claimed offset 8 (claim 1) and never wrote; another worker then wrote
     there (claim 2); the dead owner's recoverer claimed the end of the file in its name
@@ -534,3 +551,30 @@ def test_one_group_commit_claims_each_file_once_with_its_lines_in_write_order(
     )
     rows = conn.execute("SELECT status, started_at IS NOT NULL FROM tasks").fetchall()
     assert rows == [("done", 1)] * 4
+
+
+@pytest.mark.parametrize(("commits", "truncated"), [(300, True), (50, False)])
+def test_a_checkpoint_empties_a_wal_grown_past_its_limit(
+    tmp_path: Path, commits: int, truncated: bool
+) -> None:
+    # Under steady load a commit lands during every passive checkpoint, so the WAL never
+    # starts over (it grew ~6 MB a second); only a WAL past the limit is worth holding off
+    # writers for.
+    path = registry_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    writer = connect(path)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE t (b BLOB)")
+    for _ in range(commits):
+        writer.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
+    wal = Path(f"{path}-wal")
+    before = wal.stat().st_size
+    checkpointing = connect(path)
+    try:
+        Checkpointer(path, truncate_frames=200).checkpoint(checkpointing)
+    finally:
+        checkpointing.close()
+    assert wal.stat().st_size == (0 if truncated else before)
+    assert writer.execute("SELECT count(*) FROM t").fetchone()[0] == commits
+    writer.execute("INSERT INTO t VALUES (x'00')")
+    writer.close()
