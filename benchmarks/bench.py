@@ -13,7 +13,8 @@ temporary data directory), gives each a short warm-up load, and measures:
      for bgtasks and for the reference app (`reference_app.py`);
   3. completion under that load: response to last write, from bgtasks' registry, and lost,
      duplicated or malformed lines in log.txt against the requests that got a 200;
-  6. start to first 200 and RSS after the load, bgtasks vs reference.
+  6. start to first 200 and RSS after the load, bgtasks vs reference, and the size of
+     bgtasks' registry (database and WAL) after it.
 Then once per run: 4. `bgtasks tail` vs GNU `tail -F`; 5. CLI start-up vs HTTPie.
 
 Choices worth knowing:
@@ -123,6 +124,14 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def registry_mb(self) -> float:
+        """The registry's database and WAL on disk: the WAL is what grows under load."""
+        from server.paths import registry_path
+
+        db = registry_path(self.data_dir)
+        files = (db, db.with_name(f"{db.name}-wal"))
+        return sum(f.stat().st_size for f in files if f.exists()) / 1e6
 
     def rss_mb(self) -> float:
         """Resident memory of the server process, from /proc."""
@@ -425,7 +434,7 @@ def one_repeat(cfg: Config) -> dict[str, dict[str, float]]:
         notify, same_shape = combined(halves[NOTIFY]), combined(halves[PLAIN])
         done = completion_summary(delays, sampled)
         lines = check_lines(fast.data_dir / "log.txt", notify.acked)
-        bg_start, bg_rss = fast.startup_s, fast.rss_mb()
+        bg_start, bg_rss, bg_disk = fast.startup_s, fast.rss_mb(), fast.registry_mb()
     with warm("bare") as bare:
         bare_load = run_load(cfg, bare, NOTIFY, "B", 50, p.load_seconds)
     with warm("reference") as ref:
@@ -464,6 +473,7 @@ def one_repeat(cfg: Config) -> dict[str, dict[str, float]]:
             "reference_start_s": ref_start,
             "bgtasks_rss_mb": bg_rss,
             "reference_rss_mb": ref_rss,
+            "bgtasks_registry_mb": bg_disk,
         },
     }
 
@@ -723,6 +733,7 @@ def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         fmt(srv["bgtasks_start_s"], srv["reference_start_s"]), "(info)")  # fmt: skip
     row("6 RSS after load MB, bgtasks / ref",
         fmt(srv["bgtasks_rss_mb"], srv["reference_rss_mb"]), "(info)")  # fmt: skip
+    row("6 registry on disk after load MB (db + WAL)", fmt(srv["bgtasks_registry_mb"]), "(info)")
     return rows
 
 
