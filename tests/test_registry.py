@@ -607,8 +607,6 @@ def test_a_reader_makes_the_checkpoint_give_up_quickly_and_commits_go_on(
     commit_blobs(writer, 100)
     if snapshot == "latest":
         reader.execute("SELECT count(*) FROM t").fetchone()
-    wal = Path(f"{path}-wal")
-    before = wal.stat().st_size
     checkpointing = sqlite3.connect(path, timeout=0.02, isolation_level=None)
     started = time.monotonic()
     try:
@@ -616,7 +614,6 @@ def test_a_reader_makes_the_checkpoint_give_up_quickly_and_commits_go_on(
     finally:
         checkpointing.close()
     assert time.monotonic() - started < 1.0
-    assert wal.stat().st_size == before
     writer.execute("INSERT INTO t VALUES (x'00')")
     assert writer.execute("SELECT count(*) FROM t").fetchone()[0] == 101
     reader.rollback()
