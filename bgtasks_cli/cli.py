@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from bgtasks_cli.errors import EXIT_USAGE, BgtasksError, InvalidInput
 from server import __version__
+from server.status import ENDED, TaskStatus
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -58,14 +59,6 @@ class FileChoice(StrEnum):
     log = "log"
     readme = "readme"
     all = "all"
-
-
-class StatusChoice(StrEnum):
-    queued = "queued"
-    running = "running"
-    done = "done"
-    failed = "failed"
-    recovered = "recovered"
 
 
 UrlOpt = Annotated[
@@ -160,7 +153,7 @@ def _run_request(
     def on_update(fired: Any, record: dict[str, Any]) -> None:
         tasks = record.get("tasks", [])
         for task in tasks:
-            if task["status"] in ("done", "failed", "recovered") and task["id"] not in shown:
+            if task["status"] in ENDED and task["id"] not in shown:
                 shown.add(task["id"])
                 console.print(render.task_line(task, fired.received_at))
         left = sum(1 for t in tasks if t["id"] not in shown)
@@ -325,7 +318,7 @@ def tail(
 @app.command()
 def tasks(
     status: Annotated[
-        StatusChoice | None,
+        TaskStatus | None,
         typer.Option("--status", "-s", help="Only tasks in this state."),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bgtasks_cli.errors import BgtasksError, InvalidInput, ServerUnreachable
+from server.status import ENDED, SUCCEEDED
 
 # httpx's __init__ imports its own command line (click, rich, pygments) whenever click is
 # installed, and uvicorn installs it: 80-130 ms of every `bgtasks notify` spent on code this
@@ -17,8 +18,6 @@ from bgtasks_cli.errors import BgtasksError, InvalidInput, ServerUnreachable
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
-ENDED = frozenset({"done", "failed", "recovered"})
-SUCCEEDED = frozenset({"done", "recovered"})
 START_HINT = "start it with `bgtasks serve`, or point --url / BGTASKS_URL at a running server"
 
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Group, RenderableType
 from rich.text import Text
 
-from bgtasks_cli.client import ENDED, Fired, Outcome
+from bgtasks_cli.client import Fired, Outcome
+from server.status import ENDED
 
 if TYPE_CHECKING:
     # Imported where a table is built: `notify --no-wait` prints none, and it is ~10 ms of

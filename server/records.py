@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-QUEUED, RUNNING, DONE, FAILED, RECOVERED = "queued", "running", "done", "failed", "recovered"
-STATUSES = (QUEUED, RUNNING, DONE, FAILED, RECOVERED)
+from server.status import TaskStatus
 
 
 @dataclass(slots=True, eq=False)
@@ -18,7 +17,7 @@ class TaskRecord:
     file: str
     line: str
     queued_at: float
-    status: str = QUEUED
+    status: TaskStatus = TaskStatus.QUEUED
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None

@@ -27,14 +27,8 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from server.paths import owners_dir, registry_path
-from server.records import (
-    DONE,
-    FAILED,
-    RECOVERED,
-    RUNNING,
-    RequestRecord,
-    TaskRecord,
-)
+from server.records import RequestRecord, TaskRecord
+from server.status import TaskStatus
 
 logger = logging.getLogger("bgtasks.registry")
 
@@ -288,7 +282,7 @@ def _write_lines(fd: int, items: list[_Append]) -> None:
                 logger.exception("could not cut off a partly written line")
     now = time.time()
     for task, _ in items[:landed]:
-        task.status, task.finished_at = DONE, now
+        task.status, task.finished_at = TaskStatus.DONE, now
     for _, ended in items[:landed]:
         ended(None)
     for _, ended in items[landed:]:
@@ -533,7 +527,7 @@ class Registry:
                 self._pending.ended_claims.extend(claimed)
                 for _, _, items in locked:
                     for task, _ in items:
-                        if task.status == DONE:
+                        if task.status == TaskStatus.DONE:
                             self._pending.task_notes[task.id] = task
                 self._schedule(NOTE_WINDOW_S)
 
@@ -691,10 +685,10 @@ class Registry:
         other: list[tuple[Any, ...]] = []
         for t in tasks:
             if t.error is None and t.started_at is not None:
-                if t.status == RUNNING and t.finished_at is None:
+                if t.status == TaskStatus.RUNNING and t.finished_at is None:
                     started.append((t.started_at, t.pk))
                     continue
-                if t.status == DONE and t.finished_at is not None:
+                if t.status == TaskStatus.DONE and t.finished_at is not None:
                     done.append((t.started_at, t.finished_at, t.pk))
                     continue
             other.append((t.status, t.started_at, t.finished_at, t.error, t.pk))
@@ -818,7 +812,8 @@ class Registry:
                 finished.extend(self._recover_file(conn, owner, name, file_tasks))
             except OSError as exc:
                 for task in file_tasks:
-                    task.status, task.error = FAILED, f"recovery failed: {_describe_error(exc)}"
+                    task.status = TaskStatus.FAILED
+                    task.error = f"recovery failed: {_describe_error(exc)}"
                     task.finished_at = time.time()
                     finished.append(task)
         conn.execute("BEGIN IMMEDIATE")
@@ -868,7 +863,7 @@ class Registry:
                     raise OSError(f"short write while recovering {task.id}")
             now = time.time()
             for task in [*complete, *(task for task, _ in to_write)]:
-                task.status, task.finished_at, task.error = RECOVERED, now, None
+                task.status, task.finished_at, task.error = TaskStatus.RECOVERED, now, None
             return [*complete, *(task for task, _ in to_write)]
         finally:
             self._files.unlock(name)
@@ -929,7 +924,7 @@ def _task_from_row(row: sqlite3.Row) -> TaskRecord:
         file=row["file"],
         line=row["line"],
         queued_at=row["queued_at"],
-        status=row["status"],
+        status=TaskStatus(row["status"]),
         started_at=row["started_at"],
         data=row["line"].encode(),
         pk=row["pk"],

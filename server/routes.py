@@ -10,18 +10,16 @@ from pydantic import BaseModel, Field
 
 from server import __version__, lines
 from server.middleware import RUNNER_KEY, SCOPE_KEY
-from server.records import STATUSES, RequestRecord
+from server.records import RequestRecord
 from server.registry import Registry
 from server.runner import TaskRunner
+from server.status import TaskStatus
 from server.validation import Email, Text
 
 NOTIFICATION_SENT = "Message sent"
 README_QUEUED = "任务已在后台运行"
 README_UPDATED = "README.md更新成功"
 NO_QUERY = "q was not given: nothing was queued and README.md is unchanged"
-
-Status = Literal["queued", "running", "done", "failed", "recovered"]
-assert set(STATUSES) == {"queued", "running", "done", "failed", "recovered"}
 
 
 class Message(BaseModel):
@@ -38,7 +36,7 @@ class TaskOut(BaseModel):
     seq: int = Field(description="Position among the request's tasks; they run in this order.")
     file: str = Field(examples=["log.txt"])
     line: str = Field(examples=["message to user@example.com\n"])
-    status: Status
+    status: TaskStatus
     queued_at: float = Field(description="Unix time, seconds.")
     started_at: float | None = None
     finished_at: float | None = None
@@ -165,7 +163,7 @@ async def get_request(
 
 async def list_tasks(
     registry: RegistryDep,
-    status: Status | None = None,
+    status: TaskStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Any:
     """Recent tasks, newest first."""

@@ -20,8 +20,9 @@ import itertools
 import logging
 import time
 
-from server.records import FAILED, RUNNING, RequestRecord, TaskRecord
+from server.records import RequestRecord, TaskRecord
 from server.registry import Registry
+from server.status import TaskStatus
 
 logger = logging.getLogger("bgtasks.tasks")
 
@@ -101,7 +102,7 @@ class TaskRunner:
         tasks, index = step
         task = tasks[index]
         self._running += 1
-        task.status = RUNNING
+        task.status = TaskStatus.RUNNING
         if not self.delay:
             # With no delay the write is all it does: it starts when its line is claimed.
             self.registry.submit(task, functools.partial(self._ended, step))
@@ -136,7 +137,7 @@ class TaskRunner:
             self._all_ended.set()
 
     def _failed(self, task: TaskRecord, error: BaseException) -> None:
-        task.status, task.finished_at = FAILED, time.time()
+        task.status, task.finished_at = TaskStatus.FAILED, time.time()
         task.error = f"{type(error).__name__}: {error}"
         self.registry.note_task(task)
         logger.error("task %s failed", task.describe(), exc_info=error)

@@ -13,7 +13,7 @@ import pytest
 
 from server.records import TaskRecord
 from server.registry import Ended
-from tests.conftest import LiveServer, wait_until
+from tests.helpers import LiveServer, wait_until
 from tests.loadgen import post_concurrently
 
 

@@ -21,7 +21,7 @@ from bgtasks_cli.cli import app
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from bgtasks_cli.state import DEFAULT_URL, ServerState, resolve_url, state_file, write_state
 from server import __version__
-from tests.conftest import LiveServer, free_port
+from tests.helpers import LiveServer, free_port
 
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
 COMMANDS = ("notify", "readme", "tail", "tasks", "serve", "demo")

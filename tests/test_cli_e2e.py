@@ -19,7 +19,7 @@ from typing import IO, Any
 import pytest
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_SERVE, EXIT_UNREACHABLE, EXIT_USAGE
-from tests.conftest import ServerProcess, free_port, wait_until
+from tests.helpers import ServerProcess, free_port, wait_until
 
 WAIT = 15.0
 RUN_TIMEOUT = 60.0

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from server.lines import INTRO
-from tests.conftest import LiveServer, wait_until
+from tests.helpers import LiveServer, wait_until
 
 
 def finished(live: LiveServer, request_id: str, count: int) -> bool:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from server.paths import owners_dir, registry_path
-from server.records import DONE, RequestRecord, TaskRecord
+from server.records import RequestRecord, TaskRecord
 from server.registry import BUSY_WAIT_S, SCHEMA, Checkpointer, Registry, connect
+from server.status import TaskStatus
 
 
 def make_db(data_dir: Path) -> sqlite3.Connection:
@@ -405,7 +406,12 @@ def test_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one(
     assert [str(e) for e in ends[1:]] == [f"short write: {len(lines[0]) + 3} of {tried} bytes"] * 2
     assert (tmp_path / "log.txt").read_text() == "found query: a\nx\n"
     # (marking the two failed is the runner's part, on hearing of the error)
-    assert [t.status for t in request.tasks] == [DONE, "queued", "queued", DONE]
+    assert [t.status for t in request.tasks] == [
+        TaskStatus.DONE,
+        "queued",
+        "queued",
+        TaskStatus.DONE,
+    ]
 
 
 def test_a_claim_s_lines_are_placed_one_after_another_and_only_the_missing_ones_written(

@@ -23,7 +23,7 @@ import pytest
 
 from server.lines import INTRO
 from server.paths import registry_path
-from tests.conftest import LiveServer, ServerProcess, wait_until
+from tests.helpers import LiveServer, ServerProcess, wait_until
 from tests.loadgen import post_concurrently
 
 LINE = re.compile(rb"found query: r(\d+)q(\d+)\n|message to r(\d+)n(\d+)@example\.com\n")

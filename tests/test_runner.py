@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from server.records import DONE, FAILED, QUEUED, RUNNING, RequestRecord, TaskRecord
+from server.records import RequestRecord, TaskRecord
 from server.registry import Ended, Registry
 from server.runner import TaskRunner
+from server.status import TaskStatus
 
 
 class HeldRegistry:
@@ -75,14 +76,14 @@ def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
             "message to b@example.com\n",
         ]
         failed = registry.submitted[1][0]
-        assert failed.status == FAILED and failed.error == "OSError: disk full"
+        assert failed.status == TaskStatus.FAILED and failed.error == "OSError: disk full"
         await asyncio.gather(*starts)
 
         drain = asyncio.create_task(runner.drain(timeout=5))
         await asyncio.sleep(0.01)
         assert not drain.done() and registry.flushes == 1  # waits for the submitted lines
         for task, ended in registry.submitted[2:]:
-            task.status = DONE
+            task.status = TaskStatus.DONE
             ended(None)
         await asyncio.wait_for(drain, 1)
         assert not runner.pending
@@ -106,8 +107,15 @@ def test_drain_gives_up_on_submitted_lines_after_its_timeout() -> None:
 def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_their_slot() -> None:
     async def scenario() -> None:
         registry, runner, a, b = await two_started(delay=0.02)
-        assert [t.status for t in (*a.tasks, *b.tasks)] == [RUNNING, QUEUED, QUEUED, QUEUED]
-        assert registry.noted == [(a.tasks[0].id, RUNNING)]  # asleep, and the registry knows
+        assert [t.status for t in (*a.tasks, *b.tasks)] == [
+            TaskStatus.RUNNING,
+            TaskStatus.QUEUED,
+            TaskStatus.QUEUED,
+            TaskStatus.QUEUED,
+        ]
+        assert registry.noted == [
+            (a.tasks[0].id, TaskStatus.RUNNING)
+        ]  # asleep, and the registry knows
         await asyncio.sleep(0.1)
         assert registry.lines() == ["found query: a\n"]  # the one slot is a's until it ends
         registry.submitted[0][1](None)
@@ -116,7 +124,7 @@ def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_thei
         assert registry.lines()[1:] == ["found query: b\n"]
         registry.submitted[1][1](OSError("disk full"))
         await asyncio.sleep(0.1)
-        assert b.tasks[0].status == FAILED
+        assert b.tasks[0].status == TaskStatus.FAILED
         assert registry.lines()[2:] == ["message to a@example.com\n"]
         registry.submitted[2][1](None)
         await asyncio.sleep(0.1)
@@ -134,7 +142,7 @@ def test_drain_leaves_sleeping_and_waiting_tasks_for_the_next_start() -> None:
         asleep = list(runner._timers.values())
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
         assert len(runner.pending) == 4 and not registry.submitted
-        assert a.tasks[0].status == RUNNING  # recorded as started: recovery writes it
+        assert a.tasks[0].status == TaskStatus.RUNNING  # recorded as started: recovery writes it
         assert len(asleep) == 1 and asleep[0].cancelled()
 
     asyncio.run(scenario())
