@@ -3,37 +3,74 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.paths import default_data_dir
 
+ENV_PREFIX = "BGTASKS_"
+
 
 class Settings(BaseSettings):
-    """Everything the service can be told. Each field is `BGTASKS_<NAME>` in the environment."""
+    """Everything the service can be told. Each field is `BGTASKS_<NAME>` in the environment.
 
-    model_config = SettingsConfigDict(env_prefix="BGTASKS_", extra="ignore")
+    Every number must be finite: NaN and infinities are refused, as no rule can hold for them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Directory holding log.txt, README.md and the task registry.",
     )
     delay: float = Field(
-        1.0, ge=0, le=3600, description="Seconds each task waits before it writes (slow mail)."
+        1.0,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds each task waits before it writes (slow mail).",
     )
     retention: int = Field(
         10_000, ge=10, le=10_000_000, description="Finished requests kept in the registry."
     )
     lock_timeout: float = Field(
-        5.0, gt=0, le=600, description="Seconds to wait for the registry's lock before failing."
+        5.0,
+        gt=0,
+        le=600,
+        allow_inf_nan=False,
+        description="Seconds to wait for the registry's lock before failing.",
     )
     drain_timeout: float | None = Field(
         None,
         ge=0,
         le=86400,
+        allow_inf_nan=False,
         description="On shutdown, seconds to wait for unfinished tasks; None waits for all.",
     )
     max_running: int = Field(
         10_000, ge=1, le=1_000_000, description="Tasks allowed to run at once; more wait."
     )
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used, described in one line that names its variable."""
+
+
+def load_settings(**values: Any) -> Settings:
+    """Settings from the environment, with `values` taking precedence. Raises SettingsError
+    naming the first bad one as `BGTASKS_<NAME>`, the rule it breaks and what it was given."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(describe_error(exc)) from None
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line for the first error pydantic found: `BGTASKS_DELAY: Input should be ... (got
+    'nan')`."""
+    first = exc.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "settings"
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    return f"{variable}: {first['msg']} (got {first.get('input')!r})"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from server.paths import owners_dir, registry_path
+from server.paths import STATE_DIR, owners_dir, registry_path
 from server.records import RequestRecord, TaskRecord
 from server.status import TaskStatus
 
@@ -109,6 +109,39 @@ def connect(path: Path, *, readonly: bool = False, timeout: float = 5.0) -> sqli
         conn.execute("PRAGMA synchronous=NORMAL")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def check_registry(data_dir: Path) -> None:
+    """Raise RegistryError, in one line naming the file, if this data directory's registry
+    could not be used: a symbolic link that would lead writes out of the data directory, a
+    file that is not a SQLite database or is damaged, or one this process cannot write."""
+    state = data_dir / STATE_DIR
+    db = registry_path(data_dir)
+    for path in (state, owners_dir(data_dir), db, db.with_name(db.name + "-wal")):
+        if path.is_symlink():
+            raise RegistryError(
+                f"{path} is a symbolic link; the service writes only inside its data directory"
+            )
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise RegistryError(f"{db} is not a regular file")
+    try:
+        conn = sqlite3.connect(db, timeout=1.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise RegistryError(f"{db} cannot be opened: {exc}") from None
+    try:
+        damage = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if damage != "ok":
+            raise RegistryError(f"{db} is damaged: {damage}")
+        # Any write proves it is writable (SQLite opens a file it may not write read-only).
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE IF NOT EXISTS write_check (x)")
+        conn.execute("ROLLBACK")
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(f"{db} is not a usable task registry: {exc}") from None
+    finally:
+        conn.close()
 
 
 @dataclass(slots=True)
