@@ -77,7 +77,7 @@ async def drive(route: str, warm_up: int, requests: int) -> int:
                 await one(f"{prefix}{n}")
 
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        while app.state.runner.pending:  # every line written
+        while app.state.runner.unfinished:  # every line written
             await asyncio.sleep(0.001)
 
     async with app.router.lifespan_context(app):

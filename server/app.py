@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import uuid
@@ -16,7 +15,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.config import Settings
 from server.middleware import RegistryMiddleware
-from server.registry import Registry
+from server.registry import Registry, SqliteStore
 from server.routes import add_routes
 from server.runner import TaskRunner
 
@@ -32,10 +31,13 @@ each task was queued, started and finished.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. With no settings, read them from `BGTASKS_*` environment variables."""
     settings = settings or Settings()
+    store = SqliteStore(
+        settings.data_dir, retention=settings.retention, lock_timeout=settings.lock_timeout
+    )
     registry = Registry(
         settings.data_dir,
         owner=uuid.uuid4().hex[:8],
-        retention=settings.retention,
+        store=store,
         lock_timeout=settings.lock_timeout,
     )
     runner = TaskRunner(registry, delay=settings.delay, max_running=settings.max_running)
@@ -43,15 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        recovered = registry.open()
-        if recovered:
-            logger.warning("finished %d tasks left unfinished by a stopped server", len(recovered))
+        adopted = await registry.open()
+        if adopted:
+            logger.warning("running %d tasks left unfinished by a stopped server", len(adopted))
+            runner.adopt(adopted)
         restore = _log_pending_on_signal(runner)
-        # Everything built so far lives as long as the app: keep it out of every collection,
-        # and collect the young generation less often (each sleeping task keeps objects alive,
-        # and under load collections cost ~12% of the CPU with the default threshold of 700).
-        gc.freeze()
-        gc.set_threshold(10_000, 50, 100)
         logger.info(
             "bgtasks %s serving data dir %s (delay %ss)",
             __version__,
@@ -63,19 +61,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             restore()
             await runner.drain(settings.drain_timeout)
-            if runner.pending:
-                runner.log_pending(
+            if runner.unfinished:
+                runner.log_unfinished(
                     "stopped before these finished; they stay in the registry"
                     " and are finished at the next start"
                 )
-            registry.close()
+            await registry.close()
 
     app = FastAPI(title="bgtasks", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.runner = runner
-    add_routes(app)
-    app.add_middleware(RegistryMiddleware, registry=registry, runner=runner)
+    # The requests worth recording: the seed's endpoints (others may add theirs).
+    app.state.recorded_paths = add_routes(app)
+    app.add_middleware(
+        RegistryMiddleware, registry=registry, runner=runner, recorded=app.state.recorded_paths
+    )
     return app
 
 
@@ -90,7 +91,7 @@ def _log_pending_on_signal(runner: TaskRunner) -> Callable[[], None]:
     previous: dict[int, Any] = {}
 
     def handler(sig: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(runner.log_pending, f"{signal.Signals(sig).name} received")
+        loop.call_soon_threadsafe(runner.log_unfinished, f"{signal.Signals(sig).name} received")
         chained = previous.get(sig)
         if callable(chained):
             chained(sig, frame)

@@ -4,14 +4,14 @@ before the response's first byte leaves."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
+from collections.abc import Set
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.records import RequestRecord
+from server.records import RequestRecord, new_request_id
 from server.registry import Registry, RegistryError
 from server.runner import TaskRunner
 
@@ -20,45 +20,49 @@ _WELL_FORMED_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SCOPE_KEY = "bgtasks.request"
 RUNNER_KEY = "bgtasks.runner"
+# What is kept of a refused request's path (an address that is too long, say): enough to see
+# what it was, never more, so that junk cannot grow the registry.
+MAX_RECORDED_PATH = 512
 
 
-def new_request_id() -> str:
-    """32 hex digits that sort by creation time (nanoseconds, then 64 random bits), so the
-    registry's indexes grow at one end instead of being rewritten all over: random uuid4 keys
-    cost ~35% more SQLite time per request."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
-
-
-def request_id_from(scope: Scope) -> str:
-    """The client's X-Request-ID when it is well formed, else a fresh one."""
+def request_id_from(scope: Scope) -> tuple[str, bool]:
+    """The client's X-Request-ID when it is well formed, else a fresh one; and whether it is
+    the client's."""
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER:
             if _WELL_FORMED_ID.fullmatch(value):
-                return bytes(value).decode()
+                return bytes(value).decode(), True
             break
-    return new_request_id()
+    return new_request_id(), False
 
 
 class RegistryMiddleware:
-    """Tag every response with X-Request-ID and record every non-read request.
+    """Tag every response with X-Request-ID and record every request to a recorded endpoint
+    (the seed's: `recorded` holds their route paths) that used the endpoint's method.
 
     When a request queued tasks and its response is a success, the response start waits for
     the registry to commit the tasks' intents: accepted work is durable before the client
     hears of it. If that commit fails, the client gets a 503 and no task runs.
+
+    Request ids name one request each: an id a client chose that an accepted request already
+    has is replaced by a fresh one, which the response carries.
     """
 
-    def __init__(self, app: ASGIApp, registry: Registry, runner: TaskRunner) -> None:
+    def __init__(
+        self, app: ASGIApp, registry: Registry, runner: TaskRunner, recorded: Set[str]
+    ) -> None:
         self.app = app
         self.registry = registry
         self.runner = runner
+        self.recorded = recorded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope)
-        header = (REQUEST_ID_HEADER, request_id.encode())
+        request_id, from_client = request_id_from(scope)
         if scope["method"] in READ_METHODS:
+            header = (REQUEST_ID_HEADER, request_id.encode())
 
             async def tag(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -68,16 +72,23 @@ class RegistryMiddleware:
             await self.app(scope, receive, tag)
             return
 
-        record = RequestRecord(request_id, scope["method"], scope["path"], time.time())
+        record = RequestRecord(
+            request_id,
+            scope["method"],
+            scope["path"][:MAX_RECORDED_PATH],
+            time.time(),
+            id_from_client=from_client,
+        )
         scope[SCOPE_KEY] = record
         scope[RUNNER_KEY] = self.runner
         refused = False
+        recorded = False
 
         async def send_recorded(message: Message) -> None:
-            nonlocal refused
+            nonlocal refused, recorded
             if message["type"] == "http.response.start":
                 record.status_code = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                recorded = self._recorded(scope)
                 if record.tasks and record.status_code < 400:
                     try:
                         await self.registry.commit_intents(record)
@@ -85,9 +96,15 @@ class RegistryMiddleware:
                         refused = True
                         record.tasks.clear()
                         record.status_code = 503
-                        await _send_refusal(send, header, str(exc))
+                        await _send_refusal(send, record.id, str(exc))
                         return
                     self.runner.accept(record)
+                elif recorded and record.id_from_client:
+                    await self._keep_ids_unique(record)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (REQUEST_ID_HEADER, record.id.encode()),
+                ]
             elif refused:
                 if not message.get("more_body", False):
                     record.response_sent_at = time.time()
@@ -96,12 +113,29 @@ class RegistryMiddleware:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 record.response_sent_at = time.time()
-                self.registry.note_request(record)
+                if recorded or record.accepted:
+                    self.registry.note_request(record)
 
         await self.app(scope, receive, send_recorded)
 
+    def _recorded(self, scope: Scope) -> bool:
+        """Whether the request reached a recorded endpoint with that endpoint's method: a
+        404, a 405 or another route is not worth keeping."""
+        route = scope.get("route")
+        methods = getattr(route, "methods", None) or ()
+        return getattr(route, "path", None) in self.recorded and scope["method"] in methods
 
-async def _send_refusal(send: Send, header: tuple[bytes, bytes], reason: str) -> None:
+    async def _keep_ids_unique(self, record: RequestRecord) -> None:
+        """A request that queued nothing must not take an accepted request's id either."""
+        try:
+            taken = await self.registry.get_request(record.id)
+        except RegistryError:
+            return  # the note will not be recorded either
+        if taken is not None and taken["tasks"]:
+            record.rename(new_request_id())
+
+
+async def _send_refusal(send: Send, request_id: str, reason: str) -> None:
     body: dict[str, Any] = {"detail": f"{reason}; nothing was queued, retry later"}
     payload = json.dumps(body).encode()
     await send(
@@ -111,7 +145,7 @@ async def _send_refusal(send: Send, header: tuple[bytes, bytes], reason: str) ->
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
-                header,
+                (REQUEST_ID_HEADER, request_id.encode()),
             ],
         }
     )

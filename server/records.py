@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import uuid_utils
+
 from server.status import TaskStatus
+
+
+def new_request_id() -> str:
+    """A fresh request id: a UUIDv7 (RFC 9562), which begins with its creation time, so the
+    registry's indexes grow at one end instead of being rewritten all over."""
+    return str(uuid_utils.uuid7())
 
 
 @dataclass(slots=True, eq=False)
@@ -24,10 +32,12 @@ class TaskRecord:
     data: bytes = b""
     # The registry's row key, given when the intent is committed.
     pk: int | None = None
-    # Where the line was claimed in the file, committed before the write (for crash recovery).
+    # Taken over from a dead owner: it ends `recovered` rather than `done`.
+    adopted: bool = False
+    # Where its line was claimed (for crash recovery): the claim's number, file and offset.
+    claim: int | None = None
     inode: int | None = None
     offset: int | None = None
-    claim: int | None = None
 
     def describe(self) -> str:
         return f"{self.id} ({self.line!r} -> {self.file})"
@@ -35,7 +45,7 @@ class TaskRecord:
 
 @dataclass(slots=True, eq=False)
 class RequestRecord:
-    """One HTTP request that may have queued tasks."""
+    """One HTTP request to a seed endpoint; it may have queued tasks."""
 
     id: str
     method: str
@@ -44,6 +54,14 @@ class RequestRecord:
     status_code: int | None = None
     response_sent_at: float | None = None
     tasks: list[TaskRecord] = field(default_factory=list)
+    # The client chose the id (X-Request-ID): it may already be taken in the registry.
+    id_from_client: bool = False
     # Its tasks' intents are committed: the registry has its row, and its tasks are accepted.
     # (A request can queue tasks and still fail, e.g. a 422 after a dependency ran.)
     accepted: bool = False
+
+    def rename(self, request_id: str) -> None:
+        """Take another id (the client's was taken by an accepted request)."""
+        self.id = request_id
+        for task in self.tasks:
+            task.request_id = request_id

@@ -6,12 +6,13 @@ import os
 from typing import Annotated, Any, Literal
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from server import __version__, lines
 from server.middleware import RUNNER_KEY, SCOPE_KEY
 from server.records import RequestRecord
-from server.registry import Registry
+from server.registry import Registry, RegistryError
 from server.runner import TaskRunner
 from server.status import TaskStatus
 from server.validation import Email, Text
@@ -56,12 +57,14 @@ class RequestOut(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unavailable"] = "ok"
     version: str = Field(examples=[__version__])
+    store: str = Field(examples=["sqlite"], description="Where the registry is kept.")
     data_dir: str
     delay: float
-    unfinished_tasks: int
+    unfinished_tasks: int | None = Field(None, description="None while the registry is unusable.")
     pid: int
+    error: str | None = Field(None, description="Why the registry is unusable, if it is.")
 
 
 class TaskQueue:
@@ -155,7 +158,7 @@ async def get_request(
     request_id: Annotated[str, Path(max_length=128)], registry: RegistryDep
 ) -> Any:
     """A request with its tasks and their times."""
-    found = registry.get_request(request_id)
+    found = await registry.get_request(request_id)
     if found is None:
         raise HTTPException(404, f"no request {request_id!r} in the registry")
     return found
@@ -167,24 +170,36 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Any:
     """Recent tasks, newest first."""
-    return registry.list_tasks(status, limit)
+    return await registry.list_tasks(status, limit)
 
 
 async def health(request: Request, registry: RegistryDep) -> Any:
-    """Liveness, version, data directory and the number of unfinished tasks."""
+    """Liveness, version, store, data directory and the number of unfinished tasks; a 503
+    naming the fault while the registry cannot record work."""
     settings = request.app.state.settings
-    return Health(
+    health = Health(
         version=__version__,
+        store=registry.store.name,
         data_dir=str(settings.data_dir),
         delay=settings.delay,
-        unfinished_tasks=registry.count_unfinished(),
         pid=os.getpid(),
     )
+    try:
+        health.unfinished_tasks = await registry.count_unfinished()
+    except RegistryError as exc:
+        health.status, health.error = "unavailable", str(exc)
+        return JSONResponse(health.model_dump(), status_code=503)
+    return health
 
 
-def add_routes(app: FastAPI) -> None:
-    """Register the endpoints on the app itself: since FastAPI 0.137 an included `APIRouter`
-    stays a node of its own that routes every request again (~68,000 CPU instructions each)."""
+async def registry_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A read the registry could not answer: a 503 that says why, not a 500."""
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+def add_routes(app: FastAPI) -> set[str]:
+    """Register the endpoints on the app itself (an included `APIRouter` stays a node of its
+    own that routes every request again). Returns the seed endpoints' paths."""
     seed = (
         ("/send-notification/{email}", send_notification),
         ("/background_tasks", run_bg_task),
@@ -210,4 +225,13 @@ def add_routes(app: FastAPI) -> None:
     app.add_api_route(
         "/tasks", list_tasks, methods=["GET"], response_model=list[TaskOut], tags=["registry"]
     )
-    app.add_api_route("/health", health, methods=["GET"], response_model=Health, tags=["registry"])
+    app.add_api_route(
+        "/health",
+        health,
+        methods=["GET"],
+        response_model=Health,
+        responses={503: {"model": Health, "description": "The registry cannot record work."}},
+        tags=["registry"],
+    )
+    app.add_exception_handler(RegistryError, registry_unavailable)
+    return {path for path, _ in seed}

@@ -1,14 +1,14 @@
-"""Runs queued tasks: caps how many run at once, waits the simulated delay, appends the line.
+"""Runs queued tasks: caps how many run at once, waits the simulated delay, submits the line.
 
 FastAPI's BackgroundTasks calls `start` once per request after the response went out; `start`
 returns at once, so Starlette's request cycle ends instead of keeping every sleeping request's
-scope, Request and closures alive (with ~2,000 tasks asleep, garbage collection of those objects
-cost 200 ms pauses). No task gets a coroutine, a job or a future of its own: a task takes a slot,
-waits its delay on a timer of the event loop, and hands its line to the registry, which reports
-the end (measured against jobs, semaphores and futures: ~3.5% fewer CPU instructions per notify
-request with no delay). A request's tasks run in the order they were queued, as BackgroundTasks
-would run them: with a delay one after another, each once the one before has ended; with none,
-all submitted at once, which the registry writes in that order. `drain` waits for all of them.
+scope, Request and closures alive (with thousands of tasks asleep, collecting those objects
+caused long garbage-collection pauses). No task gets a coroutine, a job or a future of its own
+either: a task takes a slot, waits its delay on a timer of the event loop, and hands its line to
+the registry, which reports the end. A request's tasks run in the order they were queued, as
+BackgroundTasks would run them: with a delay one after another, each once the one before has
+ended; with none, all submitted at once, which the registry writes in that order. `drain` waits
+for all of them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class TaskRunner:
         self._waiting: collections.deque[_Step] = collections.deque()  # for a slot, in turn
         self._timers: dict[str, asyncio.TimerHandle] = {}  # tasks asleep, by id
         self._all_ended = asyncio.Event()
-        self.pending: dict[str, TaskRecord] = {}
+        # Accepted and not ended: the tasks this process owes.
+        self.unfinished: dict[str, TaskRecord] = {}
 
     def new_task(self, request: RequestRecord, file: str, line: str) -> TaskRecord:
         task = TaskRecord(
@@ -61,15 +62,27 @@ class TaskRunner:
         return task
 
     def accept(self, request: RequestRecord) -> None:
-        """The request's response went out: its tasks are now this process's to finish."""
+        """The request's intents are committed: its tasks are now this process's to finish."""
         for task in request.tasks:
-            self.pending[task.id] = task
+            self.unfinished[task.id] = task
 
     async def start(self, request: RequestRecord) -> None:
         """The BackgroundTasks entry of a request: start its accepted tasks, in order."""
-        tasks = [task for task in request.tasks if task.id in self.pending]
-        if not tasks:
-            return  # the request was refused: its intents were never committed
+        tasks = [task for task in request.tasks if task.id in self.unfinished]
+        if tasks:  # else the request was refused: its intents were never committed
+            self._begin(tasks)
+
+    def adopt(self, tasks: list[TaskRecord]) -> None:
+        """Run tasks taken over from dead owners, each request's in order, as if their
+        requests had just been accepted."""
+        by_request: dict[str, list[TaskRecord]] = {}
+        for task in sorted(tasks, key=lambda task: (task.request_id, task.seq)):
+            by_request.setdefault(task.request_id, []).append(task)
+            self.unfinished[task.id] = task
+        for request_tasks in by_request.values():
+            self._begin(request_tasks)
+
+    def _begin(self, tasks: list[TaskRecord]) -> None:
         self._started += len(tasks)
         self._all_ended.clear()
         for index in range(len(tasks) if not self.delay else 1):
@@ -81,8 +94,8 @@ class TaskRunner:
         to recover."""
         if not self._started:
             return
-        self.log_pending("shutting down, waiting for them")
-        self.registry.flush()  # now, rather than at the next turn of the loop
+        self.log_unfinished("shutting down, waiting for them")
+        await self.registry.flush()  # now, rather than at the next turn of the loop
         try:
             await asyncio.wait_for(self._all_ended.wait(), timeout)
         except TimeoutError:
@@ -121,7 +134,7 @@ class TaskRunner:
         """The registry's report on a submitted line (the first one counts)."""
         tasks, index = step
         task = tasks[index]
-        if self.pending.pop(task.id, None) is None:
+        if self.unfinished.pop(task.id, None) is None:
             return
         self._started -= 1
         self._running -= 1
@@ -142,12 +155,12 @@ class TaskRunner:
         self.registry.note_task(task)
         logger.error("task %s failed", task.describe(), exc_info=error)
 
-    def log_pending(self, reason: str) -> None:
+    def log_unfinished(self, reason: str) -> None:
         """Say which tasks this process still has to finish."""
-        tasks = list(self.pending.values())
+        tasks = list(self.unfinished.values())
         if not tasks:
-            logger.info("%s: no background tasks pending", reason)
+            logger.info("%s: no background tasks unfinished", reason)
             return
         shown = ", ".join(task.describe() for task in tasks[:SHOWN_IN_LOG])
         more = f" and {len(tasks) - SHOWN_IN_LOG} more" if len(tasks) > SHOWN_IN_LOG else ""
-        logger.warning("%s: %d background tasks pending: %s%s", reason, len(tasks), shown, more)
+        logger.warning("%s: %d background tasks unfinished: %s%s", reason, len(tasks), shown, more)

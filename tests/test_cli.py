@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ def test_notify_json_is_one_document_with_stable_fields(
     assert doc["status"] == 200 and doc["method"] == "POST"
     assert doc["path"] == "/send-notification/a@example.com"
     assert doc["body"] == {"message": "Message sent"}
-    assert re.fullmatch(r"[0-9a-f]{32}", doc["request_id"])
+    assert uuid.UUID(doc["request_id"]).version == 7
     assert 0 < doc["latency_ms"] < 10_000
     assert doc["sent_at"] <= doc["received_at"]
     assert doc["response_before_last_write_ms"] > 0

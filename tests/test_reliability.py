@@ -116,7 +116,7 @@ def test_kill_9_crash_loop_long(
     assert acked > 0 and recovered > 0
 
 
-def test_sigterm_waits_for_pending_tasks_and_names_them(
+def test_sigterm_waits_for_unfinished_tasks_and_names_them(
     server_process: Callable[..., ServerProcess],
 ) -> None:
     server = server_process(delay=1.0)
@@ -125,7 +125,7 @@ def test_sigterm_waits_for_pending_tasks_and_names_them(
     returncode = server.stop(signal.SIGTERM, timeout=60)
     assert returncode == -signal.SIGTERM  # uvicorn re-raises SIGTERM after a clean shutdown
     log = server.log()
-    assert "SIGTERM received: 100 background tasks pending" in log
+    assert "SIGTERM received: 100 background tasks unfinished" in log
     assert "message to r0n0@example.com" in log  # the log names what it waits for
     lines = (server.data_dir / "log.txt").read_bytes().splitlines()
     assert sorted(lines) == sorted(f"message to r0n{i}@example.com".encode() for i in range(100))

@@ -27,7 +27,7 @@ class HeldRegistry:
     def submit(self, task: TaskRecord, ended: Ended) -> None:
         self.submitted.append((task, ended))
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         self.flushes += 1
 
     def note_task(self, task: TaskRecord) -> None:
@@ -86,7 +86,7 @@ def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
             task.status = TaskStatus.DONE
             ended(None)
         await asyncio.wait_for(drain, 1)
-        assert not runner.pending
+        assert not runner.unfinished
 
     asyncio.run(scenario())
 
@@ -98,8 +98,8 @@ def test_drain_gives_up_on_submitted_lines_after_its_timeout() -> None:
         request = accepted_request(runner, "a")
         await runner.start(request)
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
-        # still pending: the registry's close writes what was submitted, the next start the rest
-        assert len(runner.pending) == 2
+        # still unfinished: the registry's close writes what was submitted, the next start the rest
+        assert len(runner.unfinished) == 2
 
     asyncio.run(scenario())
 
@@ -131,7 +131,7 @@ def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_thei
         assert registry.lines()[3:] == ["message to b@example.com\n"]  # a failure ends no chain
         registry.submitted[3][1](None)
         await asyncio.wait_for(runner.drain(timeout=5), 1)
-        assert not runner.pending
+        assert not runner.unfinished
 
     asyncio.run(scenario())
 
@@ -141,7 +141,7 @@ def test_drain_leaves_sleeping_and_waiting_tasks_for_the_next_start() -> None:
         registry, runner, a, _ = await two_started(delay=30)
         asleep = list(runner._timers.values())
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
-        assert len(runner.pending) == 4 and not registry.submitted
+        assert len(runner.unfinished) == 4 and not registry.submitted
         assert a.tasks[0].status == TaskStatus.RUNNING  # recorded as started: recovery writes it
         assert len(asleep) == 1 and asleep[0].cancelled()
 
@@ -157,6 +157,6 @@ def test_after_drain_gives_up_a_late_end_starts_nothing_more() -> None:
         assert registry.lines() == ["found query: a\n"]  # the second waits for the slot
         registry.submitted[0][1](None)  # written by the registry's close, after the drain
         assert registry.lines() == ["found query: a\n"]
-        assert [t.line for t in runner.pending.values()] == ["message to a@example.com\n"]
+        assert [t.line for t in runner.unfinished.values()] == ["message to a@example.com\n"]
 
     asyncio.run(scenario())

@@ -16,7 +16,7 @@ import pytest
 
 from bgtasks_cli.tailer import FILE_CHOICES, Tailer, TailEvent
 from server.paths import registry_path
-from server.registry import SCHEMA
+from server.registry.sqlite.schema import SCHEMA
 
 WAIT = 5.0
 

@@ -1,0 +1,116 @@
+"""The registry the rest of the server uses: its lifecycle, the group commit, and the reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from server.records import RequestRecord, TaskRecord
+from server.registry.batch import Ended, GroupCommit
+from server.registry.files import DataFiles
+from server.registry.owners import OwnerLocks, check_state_dir
+from server.registry.recovery import recover_dead_owners
+from server.registry.store import Store, StoreFault
+from server.status import TaskStatus
+
+
+class Registry:
+    """Persist requests and tasks, write their lines exactly once, and recover the work of
+    owners that died (docs/protocol.md).
+
+    `owner` is this process's id. Everything is used from the event loop.
+    """
+
+    def __init__(self, data_dir: Path, *, owner: str, store: Store, lock_timeout: float) -> None:
+        self.data_dir = data_dir
+        self.owner = owner
+        self.store = store
+        self._owners = OwnerLocks(data_dir)
+        self._owner_fd: int | None = None
+        self._files = DataFiles(data_dir)
+        self._commits = GroupCommit(store, self._files, lock_timeout=lock_timeout)
+
+    @property
+    def fault(self) -> StoreFault | None:
+        """Why the registry refuses all work, if it does (its store was found unusable)."""
+        return self._commits.fault
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> list[TaskRecord]:
+        """Show this process alive (its owner lock, before any task is recorded in its name),
+        open the store and recover dead owners' work. Returns the tasks adopted from them,
+        queued again: the caller runs them. Raises StoreFault if the store cannot be used."""
+        check_state_dir(self.data_dir)
+        self._owner_fd = self._owners.hold(self.owner)
+        try:
+            await self.store.open(self.owner)
+            return await recover_dead_owners(self.store, self._files, self._owners, self.owner)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Commit everything waiting, close the store and let go of the owner lock. Tasks
+        not finished stay unfinished in the store, for the next start to recover."""
+        if self._commits.fault is None:
+            await self._commits.drain()
+        await self.store.close()
+        self._files.close()
+        if self._owner_fd is not None:
+            self._owners.release(self.owner, self._owner_fd)
+            self._owner_fd = None
+
+    # -- what the event loop hands over ----------------------------------------------------
+
+    async def commit_intents(self, request: RequestRecord) -> None:
+        """Durably record `request` and its queued tasks (rule 1); returns after the group
+        commit. The request may come back renamed (its client-chosen id was taken). Raises
+        RegistryError: the work was not accepted."""
+        await self._commits.commit_intents(request)
+
+    def note_request(self, request: RequestRecord) -> None:
+        """Record the request's status and response time at the next commit (not awaited)."""
+        self._commits.note_request(request)
+
+    def note_task(self, task: TaskRecord) -> None:
+        """Record the task's current state at the next commit (not awaited)."""
+        self._commits.note_task(task)
+
+    def submit(self, task: TaskRecord, ended: Ended) -> None:
+        """At the next group commit, claim an offset for the task's line, commit the claim,
+        write the line and mark the task done; then call `ended(None)`, or `ended(error)`
+        (OSError or RegistryError) if the line was not written. Lines submitted in turn are
+        written in that order."""
+        self._commits.submit(task, ended)
+
+    async def flush(self) -> None:
+        """Commit (and write) whatever is waiting now, rather than at the next turn."""
+        await self._commits.drain()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_request(self, request_id: str) -> dict[str, Any] | None:
+        with self._watch():
+            return await self.store.get_request(request_id)
+
+    async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
+        with self._watch():
+            return await self.store.list_tasks(status, limit)
+
+    async def count_unfinished(self) -> int:
+        with self._watch():
+            return await self.store.count_unfinished()
+
+    @contextmanager
+    def _watch(self) -> Iterator[None]:
+        """A read that finds the store damaged stops all work, as a failed commit would."""
+        if self.fault is not None:
+            raise self.fault
+        try:
+            yield
+        except StoreFault as exc:
+            self._commits.fault = self._commits.fault or exc
+            raise

@@ -1,0 +1,47 @@
+"""The SQLite registry's reads, for the HTTP API."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from server.status import UNFINISHED, TaskStatus
+
+TASK_COLUMNS = "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, error"
+REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
+_UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
+
+
+def get_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        f"SELECT {REQUEST_COLUMNS}, first_task, last_task FROM requests WHERE id = ?",
+        (request_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    result = dict(row)
+    first, last = result.pop("first_task"), result.pop("last_task")
+    tasks = conn.execute(
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE pk BETWEEN ? AND ? AND request_id = ? ORDER BY pk",
+        (first, last, request_id),
+    )
+    result["tasks"] = [dict(task) for task in tasks]
+    return result
+
+
+def list_tasks(
+    conn: sqlite3.Connection, status: TaskStatus | None, limit: int
+) -> list[dict[str, Any]]:
+    if status is None:
+        rows = conn.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY pk DESC LIMIT ?", (limit,))
+    else:
+        rows = conn.execute(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = ? ORDER BY pk DESC LIMIT ?",
+            (status.value, limit),
+        )
+    return [dict(row) for row in rows]
+
+
+def count_unfinished(conn: sqlite3.Connection) -> int:
+    row = conn.execute(f"SELECT count(*) FROM tasks WHERE status IN ({_UNFINISHED})").fetchone()
+    return int(row[0])

@@ -1,0 +1,118 @@
+"""The seam between the claims protocol and a database: what the protocol needs from storage.
+
+`SqliteStore` (server/registry/sqlite/) is its implementation today: one file in the data
+directory, shared by the processes on one machine, whose liveness is their owner locks. The
+seam is drawn for a store shared by processes on many machines too (PostgreSQL): there, a
+process's liveness is a lock the database holds for its session, and a task can change owner
+while its old owner still runs (a partition), so a claim lists only the tasks its owner still
+owns (rule 13).
+
+Every method is a coroutine: a networked store waits for its server, while SQLite does its
+work at once on the event loop (each statement takes microseconds to a millisecond).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.records import RequestRecord, TaskRecord
+from server.registry.claims import Claim
+from server.status import TaskStatus
+
+
+class RegistryError(RuntimeError):
+    """The registry could not record work: nothing of it was accepted."""
+
+
+class StoreBusy(RegistryError):
+    """A commit could not be made now (another process holds the lock, the connection is
+    down); nothing of it was committed and it can be retried."""
+
+
+class StoreFault(RegistryError):
+    """The store cannot be used (damaged, not a registry, read-only) until it is repaired."""
+
+
+@dataclass(slots=True)
+class Changes:
+    """What one transaction records, besides the claims."""
+
+    intents: list[RequestRecord] = field(default_factory=list)
+    """Requests whose tasks were accepted: their rows and their tasks' rows (rule 1)."""
+    requests: dict[str, RequestRecord] = field(default_factory=dict)
+    """Requests whose response went out: its time and status, or the whole row."""
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    """Tasks whose state changed: started, done, failed."""
+    ended_claims: list[int] = field(default_factory=list)
+    """Claims every line of which has ended (rule 5)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.intents or self.requests or self.tasks or self.ended_claims)
+
+
+@dataclass(slots=True)
+class DeadOwnerWork:
+    """What a dead owner left unfinished."""
+
+    tasks: list[TaskRecord]
+    """Its unfinished tasks, in key order (the order their intents were committed in)."""
+    claims: list[Claim]
+    """Its claims that have not ended, oldest first."""
+    ended_lengths: dict[int, int]
+    """For the keys in those claims whose task ended: its line's length in bytes (rule 7)."""
+
+
+class Store(Protocol):
+    """Storage for the registry. Requests and tasks are rows; claims are rows of their own."""
+
+    name: str
+    """What `GET /health` calls it: "sqlite"."""
+
+    async def open(self, owner: str) -> None:
+        """Create the schema or migrate an older one, and register `owner` as alive. Raises
+        StoreFault (with a one-line reason) if the store cannot be used."""
+
+    async def close(self) -> None:
+        """Let go of every connection. Unfinished tasks stay, for a later recovery."""
+
+    async def commit(self, changes: Changes, claims: Sequence[Sequence[TaskRecord]]) -> list[Claim]:
+        """Record `changes` and one claim per list of lines (one file each, placed back to
+        back, rule 3) in one transaction. Gives each intent's tasks their keys (`pk`), in the
+        order of the intents, and renames an intent whose client-chosen id an accepted request
+        already has. Returns the claims made, in the order given; a claim lists only the tasks
+        this owner still owns (rule 13). Raises StoreBusy or StoreFault, having committed
+        nothing."""
+
+    async def is_alive(self, owner: str) -> bool:
+        """Whether `owner` still holds what shows it alive to this store."""
+
+    async def owners_with_unfinished_tasks(self) -> set[str]:
+        """Every owner that has tasks not yet ended."""
+
+    async def dead_owner_work(self, owner: str) -> DeadOwnerWork:
+        """What `owner` (dead) left: its unfinished tasks and open claims."""
+
+    async def earliest_later_start(self, claim: Claim) -> int | None:
+        """The lowest start of the claims on `claim`'s file and inode made after it (rule 8)."""
+
+    async def claim_for(self, owner: str, tasks: Sequence[TaskRecord]) -> Claim:
+        """Commit a claim of lines placed back to back in one file, in `owner`'s name: a
+        recoverer claims what it writes for the dead owner (rule 10)."""
+
+    async def adopt(self, tasks: Sequence[TaskRecord], dead: str, owner: str) -> list[TaskRecord]:
+        """Make `owner` the owner of `dead`'s unclaimed `tasks` (rule 11), each task once
+        whoever else tries: returns the ones this call moved, queued again."""
+
+    async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
+        """Record the recovered (or failed) `tasks` of dead `owner` and end its open claims."""
+
+    async def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """A request with its tasks, as the HTTP API returns it."""
+
+    async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` tasks (with `status`, if given), newest first."""
+
+    async def count_unfinished(self) -> int:
+        """How many tasks have not ended."""
