@@ -156,7 +156,9 @@ class _Axis:
         return f"axis broken at ≈: 1 column = {before} ms before, {after} ms after"
 
     def paint(self, row: _Row) -> Text:
-        cells: list[tuple[str, str]] = [(" ", "")] * self.width
+        """The row's spans; a "…" goes in the column after its span (one is kept for it at the
+        right edge), any other mark in place of the span's last glyph."""
+        cells: list[tuple[str, str]] = [(" ", "")] * (self.width + 1)
         for span in row.spans:
             start, end = self.col(span.start), self.col(_or(span.end, self.end))
             first, fill, last, alone = GLYPHS[span.kind]
@@ -165,7 +167,7 @@ class _Axis:
                 glyph = fill if start < col < end else first if col == start else last
                 cells[col] = (alone if start == end else glyph, style)
             if span.mark:
-                cells[end] = (span.mark, MARK_STYLES[span.mark])
+                cells[end + (span.mark == "…")] = (span.mark, MARK_STYLES[span.mark])
             if self.split is not None and start < self.left < end:
                 cells[self.left] = ("≈", style)
         text = Text(row.label, style=row.style)
@@ -338,7 +340,9 @@ def draw(
     if split is not None and not (split > 0 and BREAK_RATIO * split <= horizon - origin):
         split = None
     label_width = max(len(row.label) for row in [*rows, _Row("ms", [])]) + 1
-    axis = _Axis(max(MIN_TRACK, width - label_width), horizon - origin, split)
+    # One column after the axis for the "…" of a span not ended.
+    track = max(MIN_TRACK, width - label_width) - any(s.mark == "…" for r in rows for s in r.spans)
+    axis = _Axis(track, horizon - origin, split)
     since = "client sent" if sent is not None else "server got request"
     header = [Text(f"ms from {since};", style="dim"), Text(axis.scale(), style="dim")]
     lines += _fill(header, width, " ")
