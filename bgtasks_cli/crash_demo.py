@@ -314,7 +314,7 @@ def render(report: CrashReport) -> RenderableType:
     from rich.table import Table
 
     table = Table(
-        title=f"each log.txt after a kill -9 {report.killed_after:.2f} s after the first response"
+        title=f"log.txt after kill -9, {report.killed_after:.2f} s after the first response,"
         " and a restart",
         title_justify="left",
     )
