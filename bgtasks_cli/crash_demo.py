@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from bgtasks_cli.client import Client
-from bgtasks_cli.errors import BgtasksError, InvalidInput, ServeError
+from bgtasks_cli.errors import BgtasksError, InvalidInput, ServeError, ServerUnreachable
 from server.status import ENDED, TaskStatus
 
 if TYPE_CHECKING:
@@ -239,6 +239,31 @@ def _wait_for_bgtasks(demo: _Demo, request_ids: list[str], timeout: float) -> li
             time.sleep(POLL)
 
 
+def _send(demo: _Demo, notifications: int) -> tuple[dict[str, list[str]], list[str], float]:
+    """The same notifications to both servers: the lines each acknowledged, bgtasks' request
+    ids, and when the first response arrived (monotonic)."""
+    acked: dict[str, list[str]] = {side: [] for side in SIDES}
+    request_ids: list[str] = []
+    first_response: float | None = None
+    for side in SIDES:
+        with demo.client(side) as client:
+            for n in range(1, notifications + 1):
+                email, q = f"user{n}@example.com", f"note {n}"
+                try:
+                    fired = client.fire(f"/send-notification/{email}", {"q": q})
+                except ServerUnreachable:
+                    raise BgtasksError(
+                        f"{LABELS[side]} stopped answering: {demo.last_log_line(side)}"
+                    ) from None
+                if first_response is None:
+                    first_response = time.monotonic()
+                acked[side] += [f"found query: {q}\n", f"message to {email}\n"]
+                if side == "bgtasks":
+                    request_ids.append(fired.request_id)
+    assert first_response is not None  # at least one notification was sent
+    return acked, request_ids, first_response
+
+
 def run(delay: float = 1.0, notifications: int = 5, console: Console | None = None) -> CrashReport:
     """Run the crash demo; progress goes to `console` (none if None). Cleans up everything,
     also on failure and Ctrl-C. Raises InvalidInput for a bad argument, ServeError if a server
@@ -261,30 +286,19 @@ def run(delay: float = 1.0, notifications: int = 5, console: Console | None = No
     with _Demo(delay, say) as demo:
         for side in SIDES:
             demo.start(side)
-        acked: dict[str, list[str]] = {side: [] for side in SIDES}
-        request_ids: list[str] = []
-        first_response: float | None = None
-        for side in SIDES:
-            with demo.client(side) as client:
-                for n in range(1, notifications + 1):
-                    email, q = f"user{n}@example.com", f"note {n}"
-                    fired = client.fire(f"/send-notification/{email}", {"q": q})
-                    first_response = first_response or time.monotonic()
-                    acked[side] += [f"found query: {q}\n", f"message to {email}\n"]
-                    if side == "bgtasks":
-                        request_ids.append(fired.request_id)
+        acked, request_ids, first_response = _send(demo, notifications)
         lines = 2 * notifications
-        say(f"sent both the same {notifications} notifications: {lines} lines acknowledged each")
-        assert first_response is not None
+        say(f"both acknowledged the same {notifications} notifications: {lines} lines each")
         killed_after = time.monotonic() - first_response
         for side in SIDES:
             demo.kill(side)
-        when = "before" if killed_after < delay else "late: after"
+        when = "within" if killed_after < delay else "late: past"
         say(f"kill -9 both, {killed_after:.2f} s after the first response ({when} the delay)")
         before = {side: _log_lines(demo.data_dir(side) / "log.txt") for side in SIDES}
         for side in SIDES:
             demo.start(side)
-        tasks = _wait_for_bgtasks(demo, request_ids, FINISH_TIMEOUT + delay * lines)
+        timeout = FINISH_TIMEOUT + delay * lines
+        tasks = _wait_for_bgtasks(demo, request_ids, timeout)
         after = {side: _log_lines(demo.data_dir(side) / "log.txt") for side in SIDES}
         plain, bgtasks = (_side(acked[side], before[side], after[side]) for side in SIDES)
         recovered = sum(1 for t in tasks if t["status"] == TaskStatus.RECOVERED)
