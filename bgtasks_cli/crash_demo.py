@@ -70,6 +70,11 @@ class CrashReport:
     bgtasks: Side
     pids: tuple[int, ...]  # every server process the demo started (all gone now)
 
+    @property
+    def ok(self) -> bool:
+        """bgtasks kept its word: every acknowledged line written, none twice."""
+        return self.bgtasks.lost == 0 and self.bgtasks.duplicated == 0
+
 
 @contextlib.contextmanager
 def _holding_ctrl_c() -> Iterator[None]:

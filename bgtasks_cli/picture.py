@@ -360,11 +360,13 @@ def draw(
     return Text("\n").join(lines)
 
 
-def draw_outcome(outcome: Outcome, *, width: int) -> Text:
-    """The timeline of a request the CLI fired and followed (`notify`, `readme`, `demo`)."""
+def draw_outcome(outcome: Outcome, *, width: int, now: float | None = None) -> Text:
+    """The timeline of a request the CLI fired and followed (`notify`, `readme`, `demo`);
+    `now` as for `draw` (for a request whose tasks did not end in time)."""
     return draw(
         outcome.record or {"id": outcome.fired.request_id},
         width=width,
         client_sent_at=outcome.fired.sent_at,
         client_received_at=outcome.fired.received_at,
+        now=now,
     )

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
@@ -243,6 +244,8 @@ def fixed_report() -> crash_demo.CrashReport:
 
 def test_the_report_as_json_and_as_a_table() -> None:
     report = fixed_report()
+    assert report.ok
+    assert not replace(report, bgtasks=replace(report.bgtasks, duplicated=1)).ok
     assert crash_demo.report_json(report) == {
         "plain": {"acknowledged": 2, "written": 0, "lost": 2, "duplicated": 0},
         "bgtasks": {"acknowledged": 2, "written": 2, "lost": 0, "duplicated": 0, "recovered": 2},
