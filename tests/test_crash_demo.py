@@ -1,0 +1,283 @@
+"""The crash demo (`bgtasks_cli/crash_demo.py`) end to end in a subprocess: real servers, a
+real `kill -9`, a restart; and that nothing it started or wrote outlives it, Ctrl-C included."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import IO
+
+import pytest
+from rich.console import Console
+
+from bgtasks_cli import crash_demo
+from bgtasks_cli.errors import InvalidInput, ServeError
+
+HAS_PROC = Path("/proc/self/fd").is_dir()
+pytestmark = pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")
+RUN_TIMEOUT = 120.0
+INTERRUPTED = 130
+
+# Drives the entry point the CLI's `demo --crash` calls: progress on stderr, a JSON document of
+# the report on stdout, exit 130 on Ctrl-C.
+DRIVER = """
+import json, sys
+from rich.console import Console
+from bgtasks_cli import crash_demo
+try:
+    report = crash_demo.run(
+        delay=1.0, notifications=5, console=Console(stderr=True, no_color=True, width=200)
+    )
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+print(json.dumps({
+    "json": crash_demo.report_json(report),
+    "written_before_kill": report.bgtasks.written_before_kill,
+    "killed_after": report.killed_after,
+    "pids": report.pids,
+}))
+"""
+
+
+def driver(scratch: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "TMPDIR": str(scratch), "NO_COLOR": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Live processes (not zombies) whose working directory is in `directory`: the demo runs
+    its servers in its temporary directory."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cwd.startswith(str(directory)) and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pids_in(progress: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r": pid (\d+) on ", progress)]
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    """An empty TMPDIR for the demo: whatever it leaves behind is found there (and, should a
+    test fail, its servers are killed afterwards rather than left running)."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    yield directory
+    for pid in processes_in(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def assert_nothing_left(scratch: Path, pids: list[int]) -> None:
+    assert pids, "the demo said which processes it started"
+    assert [pid for pid in pids if alive(pid)] == []
+    assert processes_in(scratch) == []
+    assert list(scratch.iterdir()) == []
+
+
+def test_plain_background_tasks_lose_acknowledged_lines_and_bgtasks_loses_none(
+    scratch: Path,
+) -> None:
+    proc = driver(scratch)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    result = json.loads(out)
+    report = result["json"]
+    keys = ["acknowledged", "written", "lost", "duplicated"]
+    assert list(report) == ["plain", "bgtasks"]
+    assert list(report["plain"]) == keys and list(report["bgtasks"]) == [*keys, "recovered"]
+    plain, bgtasks = report["plain"], report["bgtasks"]
+    # 5 notifications with q: two lines acknowledged by each server.
+    assert plain["acknowledged"] == bgtasks["acknowledged"] == 10
+    # The kill came before the delays ran out: plain BackgroundTasks lost what it had promised.
+    assert result["killed_after"] < 1.0
+    assert plain["lost"] > 0 and plain["written"] == plain["acknowledged"] - plain["lost"]
+    assert (bgtasks["lost"], bgtasks["duplicated"], bgtasks["written"]) == (0, 0, 10)
+    # Every task unfinished at the kill (its line not yet written) was finished as recovered.
+    assert bgtasks["recovered"] == bgtasks["acknowledged"] - result["written_before_kill"]
+    assert bgtasks["recovered"] > 0
+    # Both servers, started twice, each in the progress and the report.
+    assert pids_in(err) == result["pids"] and len(result["pids"]) == 4
+    assert_nothing_left(scratch, result["pids"])
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "started bgtasks: pid",  # waiting for the first bgtasks to answer
+        "kill -9 both",  # both just killed, about to start again
+        "started bgtasks again: pid",  # waiting for the second bgtasks to answer
+    ],
+)
+def test_ctrl_c_mid_demo_leaves_nothing_behind(scratch: Path, moment: str) -> None:
+    proc = driver(scratch)
+    assert proc.stderr is not None
+    progress = Lines(proc.stderr)
+    try:
+        progress.until(moment)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == INTERRUPTED
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    err = progress.rest()
+    assert "Traceback" not in err and err.rstrip().endswith("interrupted")
+    assert_nothing_left(scratch, pids_in(err))
+
+
+class Lines:
+    """A stream's lines, read in a thread so that the test can wait for one with a bound."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def until(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} within {timeout} s: {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"the stream ended before {text!r}: {self.seen}")
+            self.seen.append(line)
+            if text in line:
+                return
+
+    def rest(self, timeout: float = 30.0) -> str:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream did not end"
+        while (line := self._lines.get_nowait()) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
+def test_a_server_that_does_not_start_is_one_error_and_leaves_nothing(
+    scratch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both servers import the `server` package first: a broken one ahead of it on their path.
+    broken = tmp_path / "broken" / "server"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('no server here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    said = io.StringIO()
+    with pytest.raises(ServeError) as caught:
+        crash_demo.run(delay=1.0, notifications=1, console=Console(file=said, width=200))
+    message = caught.value.message
+    assert message.startswith("the tutorial app did not start for the crash demo: ")
+    assert "no server here" in message and "\n" not in message
+    assert_nothing_left(scratch, pids_in(said.getvalue()))
+
+
+@pytest.mark.parametrize(("delay", "notifications"), [(0.0, 5), (0.1, 5), (11.0, 5), (1.0, 0)])
+def test_bad_arguments_are_refused_before_anything_starts(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch, delay: float, notifications: int
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(InvalidInput):
+        crash_demo.run(delay=delay, notifications=notifications)
+    assert list(scratch.iterdir()) == []
+
+
+def fixed_report() -> crash_demo.CrashReport:
+    lines = ["found query: note 1\n", "message to user1@example.com\n"]
+    return crash_demo.CrashReport(
+        delay=1.0,
+        notifications=1,
+        killed_after=0.0412,
+        plain=crash_demo.Side(2, 0, 2, 0, 0, tuple(lines)),
+        bgtasks=crash_demo.Side(2, 2, 0, 0, 0, (), recovered=2),
+        pids=(11, 12, 13, 14),
+    )
+
+
+def test_the_report_as_json_and_as_a_table() -> None:
+    report = fixed_report()
+    assert report.ok
+    assert not replace(report, bgtasks=replace(report.bgtasks, duplicated=1)).ok
+    assert crash_demo.report_json(report) == {
+        "plain": {"acknowledged": 2, "written": 0, "lost": 2, "duplicated": 0},
+        "bgtasks": {"acknowledged": 2, "written": 2, "lost": 0, "duplicated": 0, "recovered": 2},
+    }
+    console = Console(width=80, no_color=True, record=True, file=io.StringIO())
+    console.print(crash_demo.render(report))
+    assert [line.rstrip() for line in console.export_text().splitlines()] == [
+        "log.txt after kill -9, 0.04 s after the first response, and a restart",
+        "┏━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━┓",
+        "┃                          ┃ FastAPI tutorial                 ┃         ┃",
+        "┃                          ┃ (plain BackgroundTasks)          ┃ bgtasks ┃",
+        "┡━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━┩",
+        "│ lines acknowledged (200) │ 2                                │ 2       │",
+        "│ written before the kill  │ 0                                │ 0       │",
+        "│ there after the restart  │ 0                                │ 2       │",
+        "│ lost                     │ 2                                │ 0       │",
+        "│ duplicated               │ 0                                │ 0       │",
+        "│ marked recovered         │ -                                │ 2       │",
+        "│ missing                  │ 'found query: note 1\\n'          │ none    │",
+        "│                          │ 'message to user1@example.com\\n' │         │",
+        "└──────────────────────────┴──────────────────────────────────┴─────────┘",
+        "✗ plain BackgroundTasks lost 2 of 2 acknowledged lines: the client got 200 for",
+        "work that never happened",
+        "✓ bgtasks lost none and wrote each once (2 finished after the restart, marked",
+        "recovered)",
+    ]
+
+
+def test_the_demo_loads_neither_the_server_stack_nor_the_tutorial_app() -> None:
+    """The tutorial app only ever runs in its own process, and `demo` starts as fast as the
+    other commands."""
+    heavy = ("fastapi", "uvicorn", "pydantic", "server.tutorial_app")
+    code = f"import sys, bgtasks_cli.crash_demo; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
