@@ -115,7 +115,7 @@ def test_data_file_replaced_by_a_directory_fails_the_task_and_serving_goes_on(
     assert response.status_code == 200
     body = wait_until(lambda: all_ended(live, response.headers["x-request-id"]))
     assert body["tasks"][0]["status"] == "failed"
-    assert "Is a directory" in body["tasks"][0]["error"]
+    assert "README.md is a directory, not a regular file" in body["tasks"][0]["error"]
     ok = httpx.post(f"{live.url}/send-notification/a@example.com")
     assert wait_until(lambda: all_ended(live, ok.headers["x-request-id"]))
     assert live.read("log.txt") == b"message to a@example.com\n"

@@ -272,9 +272,9 @@ def test_failing_task_gives_exit_1(start_server: Callable[..., LiveServer]) -> N
     out = result.stdout
     assert "POST /background_tasks → 200" in out
     assert re.search(r"^ +failed \d\d:\d\d:\d\d", out, re.MULTILINE), out
-    assert "Is a directory" in out
+    assert "README.md is a directory" in out
     assert "task 1 FAILED" in out
-    assert "✗ 1 of 1 tasks failed: IsADirectoryError" in out
+    assert "✗ 1 of 1 tasks failed: NotARegularFile" in out
     assert "response returned" not in out
 
     doc = fire_json(live, "notify", "a@example.com")  # the other file still works
@@ -284,7 +284,7 @@ def test_failing_task_gives_exit_1(start_server: Callable[..., LiveServer]) -> N
     failed = json.loads(failing.stdout)
     assert failed["ok"] is False
     assert failed["server"]["tasks"][0]["status"] == "failed"
-    assert "Is a directory" in failed["server"]["tasks"][0]["error"]
+    assert "is a directory" in failed["server"]["tasks"][0]["error"]
 
 
 @pytest.mark.parametrize("command", [("notify", "a@example.com"), ("readme", "X"), ("tasks",)])

@@ -300,7 +300,7 @@ def test_against_a_served_process(
     (server.data_dir / "README.md").mkdir()
     failed = cli("readme", "FastAPI", "--timeout", "30")
     assert failed.returncode == EXIT_FAILED, failed.stdout + failed.stderr
-    assert "failed" in failed.stdout and "Is a directory" in failed.stdout
+    assert "failed" in failed.stdout and "is a directory" in failed.stdout
     assert "Traceback" not in failed.stdout + failed.stderr
 
     # tasks --json: newest first, with both outcomes.
@@ -311,7 +311,7 @@ def test_against_a_served_process(
         ("README.md", "failed"),
         ("log.txt", "done"),
     ]
-    assert "Is a directory" in rows[0]["error"]
+    assert "is a directory" in rows[0]["error"]
 
     # A graceful stop (uvicorn re-raises SIGTERM after it) removes the state file; then the
     # commands say the server is gone.

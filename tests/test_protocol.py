@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import socket
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -383,10 +385,38 @@ def test_recovery_never_writes_through_a_symlink(tmp_path: Path) -> None:
     assert row[0] == "failed" and "symbolic links" in row[1]
 
 
-def test_a_line_whose_file_is_a_fifo_fails_and_nothing_blocks(tmp_path: Path) -> None:
-    """A FIFO (no reader) where a data file should be: its lines fail at once with a clear
-    error, the other file's lines are written, and the event loop is never held."""
-    os.mkfifo(tmp_path / "log.txt")
+def make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def make_socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+def make_null_device(path: Path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (make_fifo, "a FIFO"),
+        (make_socket, "a socket"),
+        (make_null_device, "a character device"),
+    ],
+    ids=["fifo", "socket", "null-device"],
+)
+def test_a_line_whose_file_is_not_a_regular_file_fails_and_nothing_blocks(
+    tmp_path: Path, make: Callable[[Path], None], kind: str
+) -> None:
+    """Something else where a data file should be (a FIFO nobody reads would block a write
+    once its buffer is full; a device would swallow the lines): its lines fail at once with a
+    clear error, the other file's lines are written, and the event loop is never held."""
+    try:
+        make(tmp_path / "log.txt")
+    except PermissionError as exc:
+        pytest.skip(f"cannot make {kind} here: {exc}")
     registry = sqlite_registry(tmp_path)
     ends: dict[str, BaseException | None] = {}
     requests = [one_line_request(f"r{n}", "x" * 500 + "\n") for n in range(200)]
@@ -408,6 +438,6 @@ def test_a_line_whose_file_is_a_fifo_fails_and_nothing_blocks(tmp_path: Path) ->
     worker.join(timeout=30)
     assert not worker.is_alive(), "the registry blocked on the FIFO"
     errors = {str(error) for key, error in ends.items() if key != "readme-t"}
-    assert errors == {"log.txt is a FIFO, not a regular file"}
+    assert errors == {f"log.txt is {kind}, not a regular file"}
     assert ends["readme-t"] is None
     assert (tmp_path / "README.md").read_text() == "\n## FastAPI 框架精讲"

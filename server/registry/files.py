@@ -78,13 +78,26 @@ class DataFiles:
 
 
 def _open_regular(path: Path) -> int:
-    fd = os.open(path, _OPEN_FLAGS, 0o644)
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        try:  # say what is there, if that is why (a socket cannot be opened at all)
+            mode = os.stat(path, follow_symlinks=False).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            raise
+        raise _not_regular(path, mode) from exc
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise NotARegularFile(f"{path.name} is {kind}, not a regular file")
+        raise _not_regular(path, mode)
     return fd
+
+
+def _not_regular(path: Path, mode: int) -> NotARegularFile:
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return NotARegularFile(f"{path.name} is {kind}, not a regular file")
 
 
 def append_lines(fd: int, start: int, lines: list[bytes]) -> tuple[int, OSError | None]:
