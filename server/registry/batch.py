@@ -70,7 +70,9 @@ class GroupCommit:
     # -- what the registry hands over ------------------------------------------------------
 
     async def commit_intents(self, request: RequestRecord) -> None:
-        """Durably record `request` and its queued tasks; returns after the group commit."""
+        """Durably record `request` and its queued tasks (rule 1); returns after the group
+        commit. The request may come back renamed (its client-chosen id was taken). Raises
+        RegistryError: the work was not accepted."""
         if self.fault is not None:
             raise self.fault
         future = asyncio.get_running_loop().create_future()
@@ -80,16 +82,22 @@ class GroupCommit:
         await future
 
     def note_request(self, request: RequestRecord) -> None:
+        """Record the request's status and response time at the next commit (not awaited)."""
         if self.fault is None:
             self.next.changes.requests[request.id] = request
             self.schedule(NOTE_WINDOW_S)
 
     def note_task(self, task: TaskRecord) -> None:
+        """Record the task's current state at the next commit (not awaited)."""
         if self.fault is None:
             self.next.changes.tasks[task.id] = task
             self.schedule(NOTE_WINDOW_S)
 
     def submit(self, task: TaskRecord, ended: Ended) -> None:
+        """At the next group commit, claim an offset for the task's line, commit the claim,
+        write the line and mark the task done; then call `ended(None)`, or `ended(error)`
+        (OSError or RegistryError) if the line was not written. Lines submitted in turn are
+        written in that order."""
         if self.fault is not None:
             ended(self.fault)
             return

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.records import RequestRecord, TaskRecord
-from server.registry.batch import Ended, GroupCommit
+from server.records import TaskRecord
+from server.registry.batch import GroupCommit
 from server.registry.files import DataFiles
 from server.registry.owners import OwnerLocks, check_state_dir
 from server.registry.recovery import recover_dead_owners
@@ -31,6 +31,11 @@ class Registry:
         self._owner_fd: int | None = None
         self._files = DataFiles(data_dir)
         self._commits = GroupCommit(store, self._files, lock_timeout=lock_timeout)
+        self.commit_intents = self._commits.commit_intents
+        self.note_request = self._commits.note_request
+        self.note_task = self._commits.note_task
+        self.submit = self._commits.submit
+        self.flush = self._commits.drain
 
     @property
     def fault(self) -> StoreFault | None:
@@ -64,31 +69,10 @@ class Registry:
             self._owner_fd = None
 
     # -- what the event loop hands over ----------------------------------------------------
-
-    async def commit_intents(self, request: RequestRecord) -> None:
-        """Durably record `request` and its queued tasks (rule 1); returns after the group
-        commit. The request may come back renamed (its client-chosen id was taken). Raises
-        RegistryError: the work was not accepted."""
-        await self._commits.commit_intents(request)
-
-    def note_request(self, request: RequestRecord) -> None:
-        """Record the request's status and response time at the next commit (not awaited)."""
-        self._commits.note_request(request)
-
-    def note_task(self, task: TaskRecord) -> None:
-        """Record the task's current state at the next commit (not awaited)."""
-        self._commits.note_task(task)
-
-    def submit(self, task: TaskRecord, ended: Ended) -> None:
-        """At the next group commit, claim an offset for the task's line, commit the claim,
-        write the line and mark the task done; then call `ended(None)`, or `ended(error)`
-        (OSError or RegistryError) if the line was not written. Lines submitted in turn are
-        written in that order."""
-        self._commits.submit(task, ended)
-
-    async def flush(self) -> None:
-        """Commit (and write) whatever is waiting now, rather than at the next turn."""
-        await self._commits.drain()
+    #
+    # commit_intents(request), note_request(request), note_task(task), submit(task, ended)
+    # and flush() are the group commit's own methods (see GroupCommit): the event loop calls
+    # them for every request, where a layer of delegation would cost a frame each time.
 
     # -- reads -----------------------------------------------------------------------------
 
