@@ -105,31 +105,28 @@ def _moments(outcome: Outcome) -> list[_Moment]:
         got = _Moment(record["received_at"], "server got request", after=[sent])
         moments.append(got)
     queued: list[_Moment] = []
+    ran: list[_Moment] = []
     for task in outcome.tasks:
         n, what = task["seq"] + 1, f"{task['line']!r} → {task['file']}"
         last = _Moment(task["queued_at"], f"task {n} queued", what, after=[got])
         queued.append(last)
-        moments.append(last)
         if task.get("started_at"):
             last = _Moment(task["started_at"], f"task {n} started", after=[last])
-            moments.append(last)
+            ran.append(last)
         if task.get("finished_at"):
             failed = task["status"] == TaskStatus.FAILED
-            label, detail = (
-                (f"task {n} FAILED", str(task.get("error")))
-                if failed
-                else (
-                    f"task {n} wrote",
-                    what,
-                )
-            )
-            moments.append(_Moment(task["finished_at"], label, detail, after=[last]))
+            label = f"task {n} FAILED" if failed else f"task {n} wrote"
+            detail = str(task.get("error")) if failed else what
+            ran.append(_Moment(task["finished_at"], label, detail, after=[last]))
+    moments += queued
     answered = got
     if record.get("response_sent_at"):
         answered = _Moment(
             record["response_sent_at"], "server sent response", "last byte", after=[got, *queued]
         )
         moments.append(answered)
+    # Listed in this order, moments stamped alike show the server's response first.
+    moments += ran
     received = str(fired.status)
     moments.append(
         _Moment(fired.client_received_at, "client got response", received, after=[answered])
