@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from bgtasks_cli.coercion import PlainCommand, convert_plainly
 from bgtasks_cli.commands import firing, inspecting, serving
 from bgtasks_cli.errors import EXIT_USAGE, BgtasksError, InvalidInput
 from server import __version__
@@ -23,6 +24,10 @@ _UsageError: type[Exception] = sys.modules[typer.BadParameter.__module__].UsageE
 class BgtasksGroup(TyperGroup):
     """The error boundary: an expected failure (`BgtasksError`) or a command's bad option
     becomes one red line, a hint and its exit code, never a traceback."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        convert_plainly(self.get_params(ctx))
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -74,7 +79,7 @@ for _command in (
     serving.serve,
     serving.demo,
 ):
-    app.command()(_command)
+    app.command(cls=PlainCommand)(_command)
 
 
 def main() -> None:

@@ -156,8 +156,9 @@ def test_module_entry_point_help() -> None:
 
 
 # Start-up time is mostly imports: the client commands must not load the server's stack
-# (fastapi, uvicorn), pydantic (Typer >= 0.29 coerces options through it) or click and
-# pygments (httpx imports its own command line when click is installed).
+# (fastapi, uvicorn), pydantic (Typer >= 0.29 converts options through it unless the CLI hands
+# it plain converters, bgtasks_cli/coercion.py) or click and pygments (Typer < 0.26 imports
+# click; httpx imports its own command line when click is installed).
 HEAVY = ["fastapi", "uvicorn", "pydantic", "click", "pygments"]
 
 
