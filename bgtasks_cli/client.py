@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-from bgtasks_cli.errors import BgtasksError, InvalidInput, ServerUnreachable
-from server.status import ENDED, SUCCEEDED
+from bgtasks_cli.errors import BgtasksError, InvalidInput, ServerUnreachable, WrongServer
+from server.status import ENDED, SUCCEEDED, TaskStatus
 
 # httpx's __init__ imports its own command line (click, rich, pygments) whenever click is
 # installed, and uvicorn installs it: 80-130 ms of every `bgtasks notify` spent on code this
@@ -19,6 +22,16 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
 START_HINT = "start it with `bgtasks serve`, or point --url / BGTASKS_URL at a running server"
+URL_HINT = "give --url or BGTASKS_URL as http://HOST:PORT, e.g. http://127.0.0.1:8000"
+WRONG_SERVER_HINT = (
+    "is --url / BGTASKS_URL the address `bgtasks serve` printed? start one with `bgtasks serve`"
+)
+REQUEST_ID_HEADER = "x-request-id"
+# What every task in a bgtasks response carries (the renderers rely on these).
+TASK_KEYS = frozenset({"id", "request_id", "seq", "file", "line", "status", "queued_at"})
+_STATUSES = frozenset(TaskStatus)
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+_NOT_JSON = object()
 
 
 @dataclass(slots=True)
@@ -31,12 +44,12 @@ class Fired:
     status: int
     body: Any
     request_id: str
-    sent_at: float
-    received_at: float
+    client_sent_at: float
+    client_received_at: float
 
     @property
     def elapsed_ms(self) -> float:
-        return (self.received_at - self.sent_at) * 1000
+        return (self.client_received_at - self.client_sent_at) * 1000
 
 
 @dataclass(slots=True)
@@ -57,21 +70,92 @@ class Outcome:
         return not self.timed_out and all(t["status"] in SUCCEEDED for t in self.tasks)
 
 
-def _detail(response: httpx.Response) -> str:
+def check_url(url: str) -> httpx.URL:
+    """The server URL, parsed; InvalidInput if it could not name an HTTP server."""
     try:
-        detail = response.json().get("detail")
+        # urllib's messages are the clearer ("Invalid IPv6 URL" where httpx says "Invalid
+        # port"); httpx's parser is the one the requests will use.
+        urlsplit(url).port  # noqa: B018
+        parsed = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise InvalidInput(f"bad server URL {url!r}: {exc}", URL_HINT) from None
+    problem = None
+    if parsed.scheme not in ("http", "https"):
+        problem = "it must start with http:// or https://"
+    elif not parsed.host:
+        problem = "it names no host"
+    elif not (_HOST.fullmatch(parsed.host) or _is_ipv6(parsed.host)):
+        problem = f"{parsed.host!r} is not a host name or address"
+    elif parsed.port is not None and not 1 <= parsed.port <= 65535:
+        problem = f"port {parsed.port} is not between 1 and 65535"
+    elif parsed.query or parsed.fragment:
+        problem = "a server URL has no query or fragment"
+    if problem:
+        raise InvalidInput(f"bad server URL {url!r}: {problem}", URL_HINT)
+    return parsed
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return False
+    return True
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """`text` fit for one line of an error: control characters and runs of space collapsed."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _json_body(response: httpx.Response) -> Any:
+    """The response's JSON document, or `_NOT_JSON` if it does not carry one."""
+    media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        return _NOT_JSON
+    try:
+        return response.json()
+    except ValueError:
+        return _NOT_JSON
+
+
+def _detail(body: Any) -> str:
+    """What a bgtasks error response says, in one line."""
+    detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, list):  # FastAPI's validation errors
-        return "; ".join(
+        detail = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'input'}: {err.get('msg')}"
             for err in detail
+            if isinstance(err, dict)
         )
-    return str(detail)
+    return _one_line(str(detail)) if detail else ""
+
+
+def _is_task(task: Any) -> bool:
+    if not isinstance(task, dict) or not task.keys() >= TASK_KEYS:
+        return False
+    return isinstance(task["status"], str) and task["status"] in _STATUSES
+
+
+def _is_task_list(body: Any) -> bool:
+    return isinstance(body, list) and all(_is_task(task) for task in body)
+
+
+def _is_request(body: Any) -> bool:
+    return isinstance(body, dict) and "id" in body and _is_task_list(body.get("tasks"))
+
+
+def _is_message(body: Any) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("message"), str)
 
 
 class Client:
-    """Calls the service at `base_url`; pass `transport` to test without a socket."""
+    """Calls the service at `base_url`; pass `transport` to test without a socket.
+
+    Every answer is checked to be a bgtasks one (JSON, tagged with X-Request-ID, of the
+    expected shape) before it is used: anything else raises `WrongServer`, never a parse error.
+    """
 
     def __init__(
         self,
@@ -81,10 +165,11 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        parsed = check_url(self.base_url)
         # Loading the CA bundle costs ~90 ms of start-up; plain-http URLs never use it.
-        verify = self.base_url.startswith("https:")
+        verify = parsed.scheme == "https"
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=transport, verify=verify
+            base_url=parsed, timeout=timeout, transport=transport, verify=verify
         )
 
     def close(self) -> None:
@@ -104,68 +189,103 @@ class Client:
                 f"no bgtasks server answers at {self.base_url} ({type(exc).__name__})", START_HINT
             ) from None
 
+    def _answer(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        *,
+        shape: Callable[[Any], bool],
+        missing_ok: bool = False,
+    ) -> tuple[httpx.Response, Any]:
+        """Send one request and return its response with the JSON body it carries.
+
+        A 5xx is the server failing (BgtasksError), except 501: that server does not do the
+        method at all, which a bgtasks server never answers. Anything else that is not a
+        bgtasks answer raises WrongServer; a 422 InvalidInput; other 4xx BgtasksError. With
+        `missing_ok`, a bgtasks 404 returns a body of None.
+        """
+        response = self._call(method, path, params)
+        status, body = response.status_code, _json_body(response)
+        what = f"{method} {path}"
+        if status >= 500 and status != 501:
+            detail = _detail(body) or _one_line(response.reason_phrase)
+            raise BgtasksError(
+                f"{what}: the server failed: {status} {detail}",
+                "the server's log says why; `bgtasks serve` checks its registry when it starts",
+            )
+        if body is _NOT_JSON or REQUEST_ID_HEADER not in response.headers:
+            media = response.headers.get("content-type", "no content type").split(";")[0]
+            raise WrongServer(
+                f"{self.base_url} does not answer like a bgtasks server ({what} got "
+                f"{status} {_one_line(response.reason_phrase, 60)}, {_one_line(media, 40)})",
+                WRONG_SERVER_HINT,
+            )
+        if status == 404 and missing_ok:
+            return response, None
+        if status == 422:
+            raise InvalidInput(
+                f"the server refused the input: {_detail(body)}",
+                "see `bgtasks COMMAND --help` for what each argument accepts",
+            )
+        if status >= 400:
+            detail = _detail(body) or _one_line(response.reason_phrase)
+            raise BgtasksError(f"{what}: {status} {detail}")
+        if not 200 <= status < 300 or not shape(body):
+            raise WrongServer(
+                f"{self.base_url} does not answer like a bgtasks server ({what} got {status}"
+                " with a JSON document that is not a bgtasks answer)",
+                WRONG_SERVER_HINT,
+            )
+        return response, body
+
     def fire(self, path: str, params: dict[str, Any] | None = None) -> Fired:
         """POST to a seed endpoint. Raises InvalidInput on a 422, BgtasksError on other errors."""
         sent = time.time()
-        response = self._call("POST", path, params)
+        response, body = self._answer("POST", path, params, shape=_is_message)
         received = time.time()
-        if response.status_code == 422:
-            raise InvalidInput(
-                f"the server refused the input: {_detail(response)}",
-                "see `bgtasks COMMAND --help` for what each argument accepts",
-            )
-        if response.status_code >= 400:
-            raise BgtasksError(
-                f"{response.status_code} {response.reason_phrase}: {_detail(response)}"
-            )
         return Fired(
             method="POST",
             path=path,
             url=str(response.url),
             status=response.status_code,
-            body=response.json(),
-            request_id=response.headers.get("x-request-id", ""),
-            sent_at=sent,
-            received_at=received,
+            body=body,
+            request_id=response.headers[REQUEST_ID_HEADER],
+            client_sent_at=sent,
+            client_received_at=received,
         )
 
-    def _get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        response = self._call("GET", path, params)
-        if response.status_code >= 400:
-            raise BgtasksError(
-                f"GET {path}: {response.status_code} {response.reason_phrase}: {_detail(response)}"
-            )
-        return response.json()
-
-    def request_record(self, request_id: str) -> dict[str, Any]:
-        record: dict[str, Any] = self._get_json(f"/requests/{request_id}")
-        return record
+    def request_record(self, request_id: str) -> dict[str, Any] | None:
+        """The registry's record of a request with its tasks; None if it has none (yet)."""
+        _, record = self._answer(
+            "GET", f"/requests/{request_id}", shape=_is_request, missing_ok=True
+        )
+        return cast("dict[str, Any] | None", record)
 
     def tasks(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
-        tasks: list[dict[str, Any]] = self._get_json("/tasks", params)
-        return tasks
+        _, tasks = self._answer("GET", "/tasks", params, shape=_is_task_list)
+        return cast("list[dict[str, Any]]", tasks)
 
     def health(self) -> dict[str, Any]:
-        health: dict[str, Any] = self._get_json("/health")
-        return health
+        _, health = self._answer("GET", "/health", shape=lambda body: isinstance(body, dict))
+        return cast("dict[str, Any]", health)
 
     def follow(
         self, fired: Fired, *, timeout: float, poll: float = 0.05
     ) -> Iterator[dict[str, Any]]:
         """Yield the request's record each time it changes, until its tasks all ended and its
-        response time is recorded, or `timeout` seconds pass."""
+        response time is recorded, or `timeout` seconds pass. Only a 404 means "not recorded
+        yet"; any other failure is raised at once."""
         deadline = time.monotonic() + timeout
         last: dict[str, Any] | None = None
         while True:
-            try:
-                record = self.request_record(fired.request_id)
-            except ServerUnreachable:
-                raise
-            except BgtasksError:
-                record = {"id": fired.request_id, "tasks": []}  # not recorded yet (404)
+            record = self.request_record(fired.request_id) or {
+                "id": fired.request_id,
+                "tasks": [],
+            }
             if record != last:
                 last = record
                 yield record

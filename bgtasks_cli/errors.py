@@ -4,7 +4,9 @@
     BgtasksError            exit 1  a request or task failed, or did not finish in time
     ├── InvalidInput        exit 2  the server refused the input (422), or a bad option
     ├── ServerUnreachable   exit 3  nothing answers at the URL
-    └── ServeError          exit 4  `serve` could not start (port taken, data dir not writable)
+    │   └── WrongServer     exit 3  something answers there, but not like a bgtasks server
+    └── ServeError          exit 4  `serve` could not start (port taken, data dir or registry
+                                    unusable)
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class InvalidInput(BgtasksError):
 
 class ServerUnreachable(BgtasksError):
     exit_code = EXIT_UNREACHABLE
+
+
+class WrongServer(ServerUnreachable):
+    pass
 
 
 class ServeError(BgtasksError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
+import math
 import os
 import shutil
 import signal
@@ -12,13 +14,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bgtasks_cli.errors import ServeError
+from bgtasks_cli.errors import InvalidInput, ServeError
 from bgtasks_cli.state import ServerState, clear_state, write_state
 from server.paths import owners_dir
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 APP_FACTORY = "server.app:create_app"
 
@@ -67,6 +74,55 @@ def check_data_dir(data_dir: Path) -> None:
         ) from None
 
 
+def check_registry(data_dir: Path) -> None:
+    """Fail with one line naming the file if the registry could not be used: a symbolic link
+    out of the data directory, a file that is not a SQLite database or is damaged, or one
+    this process cannot write."""
+    from server.registry import RegistryError
+    from server.registry import check_registry as check
+
+    try:
+        check(data_dir)
+    except RegistryError as exc:
+        raise ServeError(
+            f"the task registry cannot be used: {exc}",
+            "repair or move it aside (the next start creates a new registry), "
+            "or choose another data directory with --data-dir",
+        ) from None
+
+
+def preflight(*, host: str, port: int, data_dir: Path) -> None:
+    """Everything `serve` needs that can be checked before it starts, each failure one
+    ServeError line: the registry, the data directory, the port."""
+    # The registry first: with `.bgtasks` a symbolic link, the data directory's check would
+    # already have written through it.
+    check_registry(data_dir)
+    check_data_dir(data_dir)
+    check_port(host, port)
+
+
+def load_settings(**options: Any) -> Settings:
+    """The server's settings: the environment's `BGTASKS_*`, with the options given on the
+    command line taking precedence. Raises InvalidInput in one line naming the bad one."""
+    from server.config import SettingsError
+    from server.config import load_settings as load
+
+    try:
+        return load(**options)
+    except SettingsError as exc:
+        message = str(exc)
+        name = message.split(":", 1)[0]
+        for option in options:
+            if name == f"BGTASKS_{option.upper()}":
+                flag = "--" + option.replace("_", "-")
+                raise InvalidInput(
+                    flag + message[len(name) :], "see `bgtasks serve --help`"
+                ) from None
+        raise InvalidInput(
+            message, f"fix or unset {name}; the README's Configuration lists each setting"
+        ) from None
+
+
 def log_config() -> dict[str, Any]:
     """uvicorn's logging, plus the service's own `bgtasks` logger on the same handler."""
     from uvicorn.config import LOGGING_CONFIG
@@ -83,39 +139,47 @@ def serve(
     workers: int,
     data_dir: Path,
     delay: float,
-    drain_timeout: int | None,
+    drain_timeout: float | None,
     access_log: bool,
     record_state: bool,
 ) -> None:
-    """Run the service under uvicorn until it is stopped. Blocks."""
-    check_data_dir(data_dir)
-    check_port(host, port)
+    """Run the service under uvicorn until it is stopped (call `preflight` first). Blocks.
+
+    After a SIGTERM the process dies of it once the server has stopped (exit status 143 in a
+    shell), whatever the number of workers; after Ctrl-C it returns."""
     import uvicorn
 
     # Workers are separate processes that build the app from the environment.
     os.environ["BGTASKS_DATA_DIR"] = str(data_dir)
     os.environ["BGTASKS_DELAY"] = repr(delay)
     if drain_timeout is not None:
-        os.environ["BGTASKS_DRAIN_TIMEOUT"] = str(drain_timeout)
+        os.environ["BGTASKS_DRAIN_TIMEOUT"] = repr(drain_timeout)
     pid = os.getpid()
     if record_state:
         write_state(ServerState(url=url_for(host, port), pid=pid, data_dir=str(data_dir)))
-    # After a graceful stop on SIGTERM, uvicorn re-raises the signal under the handler that was
-    # in place before it ran; with the default one the process would die before `finally` and
-    # leave the state file behind. Turn it into an exception, clean up, then die of it.
+    # After a graceful stop on SIGTERM, one uvicorn server re-raises the signal under the
+    # handler that was in place before it ran; with the default one the process would die
+    # before `finally` and leave the state file behind. Turn it into an exception, clean up,
+    # then die of it. With several workers uvicorn's supervisor takes SIGTERM like Ctrl-C and
+    # re-raises neither, so the signals that arrived are also read from the wakeup fd.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     terminated = False
     try:
-        uvicorn.run(
-            APP_FACTORY,
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            timeout_graceful_shutdown=drain_timeout,
-            log_config=log_config(),
-            access_log=access_log,
-        )
+        with _signals_seen() as seen:
+            uvicorn.run(
+                APP_FACTORY,
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                # uvicorn takes whole seconds for the requests in flight; the tasks' own
+                # drain (in the app's lifespan) keeps the exact timeout.
+                timeout_graceful_shutdown=(
+                    None if drain_timeout is None else math.ceil(drain_timeout)
+                ),
+                log_config=log_config(),
+                access_log=access_log,
+            )
     except _Terminated:
         terminated = True
     except SystemExit as exc:
@@ -130,7 +194,7 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
         if record_state:
             clear_state(pid)
-    if terminated:
+    if terminated or signal.SIGTERM in seen:
         signal.raise_signal(signal.SIGTERM)
 
 
@@ -142,6 +206,39 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+@contextmanager
+def _signals_seen() -> Iterator[set[int]]:
+    """The signals that arrive during the block, whoever handles them (read after it)."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    seen: set[int] = set()
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    try:
+        yield seen
+    finally:
+        signal.set_wakeup_fd(previous)
+        with contextlib.suppress(BlockingIOError):
+            while data := reader.recv(4096):
+                seen.update(data)
+        reader.close()
+        writer.close()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C off until the block is done, then raise it: what the block starts (a
+    process, a directory) is recorded before the interrupt can unwind past it."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -149,19 +246,43 @@ def free_port() -> int:
 
 
 class DemoServer:
-    """`bgtasks serve` in a subprocess on a free loopback port with a temporary data
-    directory; stopped and removed on exit."""
+    """`bgtasks serve` in a subprocess on a free loopback port, with its data directory and
+    log in one temporary directory; stopped and removed on exit, or on Ctrl-C at any point."""
 
     def __init__(self, *, delay: float, startup_timeout: float = 30.0) -> None:
         self.delay = delay
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = Path(tempfile.mkdtemp(prefix="bgtasks-demo-"))
-        self._log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self._root: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def data_dir(self) -> Path:
+        assert self._root is not None, "the demo server is not started"
+        return self._root / "data"
+
+    @property
+    def _log_path(self) -> Path:
+        assert self._root is not None, "the demo server is not started"
+        return self._root / "server.log"
+
     def __enter__(self) -> DemoServer:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start the server and wait until it answers; on any failure (Ctrl-C included)
+        everything started so far is stopped and removed."""
+        try:
+            with interrupts_deferred():
+                self._root = Path(tempfile.mkdtemp(prefix="bgtasks-demo-"))
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         import httpx
 
         cmd = [
@@ -178,31 +299,36 @@ class DemoServer:
             "--no-state-file",
             "--no-access-log",
         ]
-        with self._log_path.open("wb") as log:
+        with self._log_path.open("wb") as log, interrupts_deferred():
             self._proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self._proc.poll() is not None:
-                self._cleanup()
-                raise ServeError(f"the demo server exited at start-up: {self.log_tail()}")
+                raise ServeError(
+                    f"the demo server exited at start-up: {self.failure()}",
+                    "`bgtasks serve` with the same environment shows the whole story",
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
+                    return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                self._cleanup()
-                raise ServeError("the demo server did not start in time", self.log_tail())
+                raise ServeError("the demo server did not start in time", self.failure())
             time.sleep(0.05)
 
-    def log_tail(self) -> str:
+    def failure(self) -> str:
+        """Why the server failed, from its log: its `Error:` line, else its last line."""
         try:
             lines = self._log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
-            return ""
-        return lines[-1] if lines else ""
+            return "(its log is gone)"
+        errors = [line for line in lines if line.startswith("Error: ")]
+        if errors:
+            return errors[-1].removeprefix("Error: ")
+        return lines[-1].strip() if lines else "(it printed nothing)"
 
     def __exit__(
         self,
@@ -210,15 +336,17 @@ class DemoServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._cleanup()
+        self.stop()
 
-    def _cleanup(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        self._log_path.unlink(missing_ok=True)
+    def stop(self) -> None:
+        """Stop the server and remove its directory; safe to call again, or before `start`."""
+        with interrupts_deferred():
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGTERM)
+                try:
+                    self._proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait(timeout=5)
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +13,8 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from bgtasks_cli.client import Fired, Outcome
-from server.status import ENDED
+from bgtasks_cli.ids import short_id
+from server.status import ENDED, TaskStatus
 
 if TYPE_CHECKING:
     # Imported where a table is built: `notify --no-wait` prints none, and it is ~10 ms of
@@ -21,11 +24,11 @@ if TYPE_CHECKING:
     from bgtasks_cli.tailer import TailEvent
 
 STATUS_STYLE = {
-    "queued": "yellow",
-    "running": "blue",
-    "done": "green",
-    "recovered": "green",
-    "failed": "bold red",
+    TaskStatus.QUEUED: "yellow",
+    TaskStatus.RUNNING: "blue",
+    TaskStatus.DONE: "green",
+    TaskStatus.RECOVERED: "green",
+    TaskStatus.FAILED: "bold red",
 }
 SOURCE_STYLE = {"log.txt": "cyan", "README.md": "magenta", "server": "yellow"}
 
@@ -39,6 +42,14 @@ def clock(at: float | None) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f} ms" if abs(seconds) < 10 else f"{seconds * 1000:,.0f} ms"
+
+
+def span(seconds: float) -> str:
+    """A signed span: `+1,001.2 ms` after, `-0.4 ms` before, `0.0 ms` too short to tell."""
+    size = ms(abs(seconds))
+    if size == ms(0):
+        return size
+    return f"{'+' if seconds > 0 else '-'}{size}"
 
 
 def response_line(fired: Fired) -> Text:
@@ -55,10 +66,11 @@ def response_line(fired: Fired) -> Text:
 
 
 def task_line(task: dict[str, Any], since: float) -> Text:
-    """One finished task, with how long after `since` (the response) it finished."""
+    """One finished task, with how long after `since` (the response arriving) it finished:
+    negative when it finished first (no delay), as the two are not ordered."""
     status = task["status"]
     finished = task.get("finished_at")
-    after = f"+{ms(finished - since)}" if finished else ""
+    after = span(finished - since) if finished else ""
     text = Text.assemble(
         (f"{status:>9}", STATUS_STYLE.get(status, "")),
         f" {clock(finished)} ",
@@ -70,27 +82,87 @@ def task_line(task: dict[str, Any], since: float) -> Text:
     return text
 
 
-def timeline(outcome: Outcome) -> Table:
-    """Every moment of one request, client and server side, in time order."""
+@dataclass(slots=True)
+class _Moment:
+    """One event of a timeline: when it was stamped, and which events must come before it."""
+
+    at: float
+    event: str
+    detail: str = ""
+    after: list[_Moment] = field(default_factory=list)
+
+
+def _moments(outcome: Outcome) -> list[_Moment]:
+    """Every stamped moment of one request, each with the moments it is known to follow: the
+    client sends before the server gets the request, which comes before the tasks are queued
+    and the response is sent, which the client gets after; a task is queued, started, then
+    ends."""
     fired, record = outcome.fired, outcome.record
-    events: list[tuple[float, str, str]] = [
-        (fired.sent_at, "client sent request", f"{fired.method} {fired.path}"),
-        (fired.received_at, "client got response", str(fired.status)),
-    ]
+    sent = _Moment(fired.client_sent_at, "client sent request", f"{fired.method} {fired.path}")
+    moments = [sent]
+    got = sent
     if record.get("received_at"):
-        events.append((record["received_at"], "server got request", ""))
-    if record.get("response_sent_at"):
-        events.append((record["response_sent_at"], "server sent response", "last byte"))
+        got = _Moment(record["received_at"], "server got request", after=[sent])
+        moments.append(got)
+    queued: list[_Moment] = []
+    ran: list[_Moment] = []
     for task in outcome.tasks:
         n, what = task["seq"] + 1, f"{task['line']!r} → {task['file']}"
-        events.append((task["queued_at"], f"task {n} queued", what))
+        last = _Moment(task["queued_at"], f"task {n} queued", what, after=[got])
+        queued.append(last)
         if task.get("started_at"):
-            events.append((task["started_at"], f"task {n} started", ""))
+            last = _Moment(task["started_at"], f"task {n} started", after=[last])
+            ran.append(last)
         if task.get("finished_at"):
-            failed = task["status"] == "failed"
-            label = f"task {n} {'FAILED' if failed else 'wrote'}"
-            events.append((task["finished_at"], label, str(task.get("error")) if failed else what))
-    events.sort(key=lambda e: e[0])
+            failed = task["status"] == TaskStatus.FAILED
+            label = f"task {n} FAILED" if failed else f"task {n} wrote"
+            detail = str(task.get("error")) if failed else what
+            ran.append(_Moment(task["finished_at"], label, detail, after=[last]))
+    moments += queued
+    answered = got
+    if record.get("response_sent_at"):
+        answered = _Moment(
+            record["response_sent_at"], "server sent response", "last byte", after=[got, *queued]
+        )
+        moments.append(answered)
+    # Listed in this order, moments stamped alike show the server's response first.
+    moments += ran
+    received = str(fired.status)
+    moments.append(
+        _Moment(fired.client_received_at, "client got response", received, after=[answered])
+    )
+    return moments
+
+
+def _in_order(moments: list[_Moment]) -> list[_Moment]:
+    """Every moment after those it must follow, and otherwise by its stamp: the stamps of two
+    moments milliseconds apart (taken near, not at, each moment) can disagree with what is
+    known to have caused what."""
+    index = {id(m): i for i, m in enumerate(moments)}
+    waiting = {id(m): len(m.after) for m in moments}
+    followers: dict[int, list[_Moment]] = {}
+    for m in moments:
+        for before in m.after:
+            followers.setdefault(id(before), []).append(m)
+    ready = [(m.at, index[id(m)], m) for m in moments if not m.after]
+    heapq.heapify(ready)
+    ordered: list[_Moment] = []
+    while ready:
+        _, _, m = heapq.heappop(ready)
+        ordered.append(m)
+        for follower in followers.get(id(m), []):
+            waiting[id(follower)] -= 1
+            if not waiting[id(follower)]:
+                heapq.heappush(ready, (follower.at, index[id(follower)], follower))
+    return ordered
+
+
+def timeline(outcome: Outcome) -> Table:
+    """Every moment of one request, client and server side, in the order they happened.
+
+    Where a moment's stamp is earlier than that of one it must follow, it is shown at that
+    one's time with a `*`, and a note gives the stamps' difference: never a negative span."""
+    fired = outcome.fired
     from rich.table import Table
 
     table = Table(title=f"timeline of request {fired.request_id}", title_justify="left")
@@ -98,20 +170,38 @@ def timeline(outcome: Outcome) -> Table:
     table.add_column("+ms", justify="right", no_wrap=True)
     table.add_column("event", no_wrap=True)
     table.add_column("detail", overflow="fold")
-    for at, event, detail in events:
-        style = "red" if "FAILED" in event else ("green" if "wrote" in event else "")
-        if event.startswith("client"):
+    # The latest stamp among each moment's causes, and whose it is.
+    floor: dict[int, _Moment] = {}
+    notes: list[str] = []
+    for m in _in_order(_moments(outcome)):
+        causes = [c for before in m.after for c in (before, floor.get(id(before))) if c]
+        latest = max(causes, key=lambda c: c.at, default=None)
+        shown_at = m.at
+        mark = ""
+        if latest is not None and latest.at > m.at:
+            floor[id(m)] = latest
+            shown_at, mark = latest.at, "*"
+            notes.append(
+                f"* {m.event}: stamped {ms(latest.at - m.at)} before “{latest.event}”, which"
+                " comes first (each stamp is taken near, not at, its moment)"
+            )
+        elif latest is not None:
+            floor[id(m)] = latest
+        style = "red" if "FAILED" in m.event else ("green" if "wrote" in m.event else "")
+        if m.event.startswith("client"):
             style = "bold"
-        table.add_row(
-            clock(at), f"{(at - fired.sent_at) * 1000:,.1f}", Text(event, style=style), detail
-        )
+        plus = f"{(shown_at - fired.client_sent_at) * 1000:,.1f}{mark}"
+        table.add_row(clock(m.at), plus, Text(m.event, style=style), m.detail)
+    if notes:
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
     return table
 
 
 def verdict(outcome: Outcome) -> Text:
     """One sentence on what happened, as measured."""
     tasks = outcome.tasks
-    failed = [t for t in tasks if t["status"] == "failed"]
+    failed = [t for t in tasks if t["status"] == TaskStatus.FAILED]
     unfinished = [t for t in tasks if t["status"] not in ENDED]
     if failed:
         return Text(
@@ -125,7 +215,7 @@ def verdict(outcome: Outcome) -> Text:
     if not tasks:
         return Text("✓ no background task was queued for this request", style="bold green")
     last = max(t["finished_at"] for t in tasks)
-    lead = last - outcome.fired.received_at
+    lead = last - outcome.fired.client_received_at
     if lead >= 0:
         return Text(
             f"✓ response returned {lead * 1000:,.0f} ms before the last write finished",
@@ -149,62 +239,104 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
         "path": fired.path,
         "status": fired.status,
         "body": fired.body,
-        "sent_at": fired.sent_at,
-        "received_at": fired.received_at,
+        "client_sent_at": fired.client_sent_at,
+        "client_received_at": fired.client_received_at,
         "latency_ms": round(fired.elapsed_ms, 3),
         "timed_out": outcome.timed_out,
         "response_before_last_write_ms": (
-            round((last - fired.received_at) * 1000, 3) if last is not None else None
+            round((last - fired.client_received_at) * 1000, 3) if last is not None else None
         ),
         "server": outcome.record or None,
     }
 
 
-def tasks_table(tasks: Sequence[dict[str, Any]], title: str = "recent tasks") -> Table:
+# The tasks table's columns, and the order they give way in on a narrow terminal: the start
+# and queue times first (the waited and ran spans hold what they tell), the writes never.
+TASK_COLUMNS = (
+    "task",
+    "request",
+    "status",
+    "writes",
+    "queued",
+    "started",
+    "finished",
+    "waited",
+    "ran",
+)
+DROPPED_FIRST = ("started", "queued", "waited", "ran", "finished", "request")
+MIN_WRITES = 24  # what a folded "writes" cell needs to stay readable: a line and its file
+RIGHT_ALIGNED = frozenset({"waited", "ran"})
+
+
+def _task_cells(task: dict[str, Any]) -> dict[str, str | Text]:
+    queued, started, finished = task["queued_at"], task.get("started_at"), task.get("finished_at")
+    writes = f"{task['line']!r} → {task['file']}"
+    if task.get("error"):
+        writes += f"\n{task['error']}"
+    return {
+        "task": task["id"],
+        "request": short_id(task["request_id"]),
+        "status": Text(task["status"], style=STATUS_STYLE.get(task["status"], "")),
+        "writes": writes,
+        "queued": clock(queued),
+        "started": clock(started),
+        "finished": clock(finished),
+        "waited": ms(started - queued) if started else "-",
+        "ran": ms(finished - started) if finished and started else "-",
+    }
+
+
+def _fitting_columns(rows: list[dict[str, str | Text]], width: int) -> list[str]:
+    """The columns that leave "writes" at least MIN_WRITES wide in `width` characters."""
+    need = {
+        name: max([len(name)] + [len(str(row[name])) for row in rows]) + 3  # padding, border
+        for name in TASK_COLUMNS
+        if name != "writes"
+    }
+    shown = list(TASK_COLUMNS)
+    for name in DROPPED_FIRST:
+        fixed = sum(need[c] for c in shown if c != "writes") + 4  # writes' padding and edges
+        if fixed + MIN_WRITES <= width:
+            break
+        shown.remove(name)
+    return shown
+
+
+def tasks_table(
+    tasks: Sequence[dict[str, Any]], title: str = "recent tasks", *, width: int = 200
+) -> Table:
+    """Recent tasks as a table for a terminal `width` characters wide: at 80 or fewer the
+    times give way (the caption says which), while each status stays whole and what a task
+    writes stays readable."""
     from rich.table import Table
 
+    rows = [_task_cells(task) for task in tasks]
+    shown = _fitting_columns(rows, width)
     table = Table(title=title, title_justify="left")
-    for name, kwargs in (
-        ("task", {"no_wrap": True}),
-        ("request", {"no_wrap": True}),
-        ("status", {"no_wrap": True}),
-        ("writes", {"overflow": "fold"}),
-        ("queued", {"no_wrap": True}),
-        ("started", {"no_wrap": True}),
-        ("finished", {"no_wrap": True}),
-        ("waited", {"justify": "right", "no_wrap": True}),
-        ("ran", {"justify": "right", "no_wrap": True}),
-    ):
-        table.add_column(name, **kwargs)
-    for task in tasks:
-        queued, started, finished = (
-            task["queued_at"],
-            task.get("started_at"),
-            task.get("finished_at"),
-        )
-        status = Text(task["status"], style=STATUS_STYLE.get(task["status"], ""))
-        writes = f"{task['line']!r} → {task['file']}"
-        if task.get("error"):
-            writes += f"\n{task['error']}"
-        table.add_row(
-            task["id"],
-            task["request_id"][:12],
-            status,
-            writes,
-            clock(queued),
-            clock(started),
-            clock(finished),
-            ms(started - queued) if started else "-",
-            ms(finished - started) if finished and started else "-",
-        )
+    for name in shown:
+        if name == "writes":
+            table.add_column(name, overflow="fold", min_width=MIN_WRITES)
+        else:
+            table.add_column(
+                name, no_wrap=True, justify="right" if name in RIGHT_ALIGNED else "left"
+            )
+    for row in rows:
+        table.add_row(*(row[name] for name in shown))
+    hidden = [name for name in TASK_COLUMNS if name not in shown]
     if not tasks:
         table.caption = "no tasks yet"
+    elif hidden:
+        table.caption = f"not shown at this width: {', '.join(hidden)} (see --json)"
+        table.caption_justify = "left"
     return table
 
 
 def tail_line(event: TailEvent) -> Text:
+    """One followed line or notice: when it appeared (`backlog` if it was there before the
+    follower started, when is not known), its source, and its text."""
     style = SOURCE_STYLE.get(event.source, "")
-    text = Text.assemble((clock(event.at), "dim"), " ", (f"{event.source:<9}", style), " ")
+    when = "backlog" if event.backlog else clock(event.at)
+    text = Text.assemble((f"{when:<12}", "dim"), " ", (f"{event.source:<9}", style), " ")
     if event.kind == "line":
         text.append(event.text)
     elif event.kind == "event":
@@ -215,9 +347,12 @@ def tail_line(event: TailEvent) -> Text:
 
 
 def tail_json(event: TailEvent) -> dict[str, Any]:
+    """A followed line or notice as JSON: `at` is when it was seen, which for a `backlog`
+    line is when the follower read it."""
     return {
         "at": event.at,
-        "file": event.source,
+        "backlog": event.backlog,
+        "source": event.source,
         "kind": event.kind,
         "text": event.text,
         "request_id": event.request_id,

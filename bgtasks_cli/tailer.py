@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bgtasks_cli.ids import short_id
 from server.paths import LOG_FILE, README_FILE, STATE_DIR, registry_path
 
 FILE_CHOICES: dict[str, tuple[str, ...]] = {
@@ -37,7 +38,8 @@ _DB_NAMES = frozenset({"registry.db", "registry.db-wal"})
 
 @dataclass(frozen=True, slots=True)
 class TailEvent:
-    """One thing the follower saw: a line, a notice about a file, or a server event."""
+    """One thing the follower saw: a line, a notice about a file, or a server event. `at` is
+    when it was seen; a `backlog` line was already there when the follower started."""
 
     at: float
     source: str
@@ -45,6 +47,7 @@ class TailEvent:
     text: str
     request_id: str | None = None
     task_id: str | None = None
+    backlog: bool = False
 
 
 def _decoder() -> codecs.IncrementalDecoder:
@@ -174,7 +177,7 @@ class Tailer:
             f.unshown = not f.pending
             if backlog:
                 shown = [*lines, f.pending] if f.pending else lines
-                out += self._events(f.name, [("line", line) for line in shown])
+                out += self._events(f.name, [("line", line) for line in shown], backlog=True)
         return out
 
     def follow(self, stop: threading.Event) -> Iterator[TailEvent]:
@@ -272,9 +275,11 @@ class Tailer:
         return self._events(f.name, out)
 
     @staticmethod
-    def _events(source: str, items: list[tuple[str, str]]) -> list[TailEvent]:
+    def _events(
+        source: str, items: list[tuple[str, str]], *, backlog: bool = False
+    ) -> list[TailEvent]:
         now = time.time()
-        return [TailEvent(now, source, kind, text) for kind, text in items]
+        return [TailEvent(now, source, kind, text, backlog=backlog) for kind, text in items]
 
     def _server_events(self) -> list[TailEvent]:
         """New request and task events from the registry, each given once."""
@@ -312,7 +317,7 @@ class Tailer:
                 found.append(TailEvent(at, "server", "event", text, req, task))
 
         for r in requests:
-            where = f"{r['method']} {r['path']} (req {r['id'][:8]})"
+            where = f"{r['method']} {r['path']} (req {short_id(r['id'])})"
             add("received", r["received_at"], f"request received {where}", r["id"])
             add("sent", r["response_sent_at"], f"response sent {r['status_code']} {where}", r["id"])
         for t in tasks:

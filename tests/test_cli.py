@@ -34,8 +34,8 @@ OUTCOME_FIELDS = {
     "path",
     "status",
     "body",
-    "sent_at",
-    "received_at",
+    "client_sent_at",
+    "client_received_at",
     "latency_ms",
     "timed_out",
     "response_before_last_write_ms",
@@ -172,7 +172,7 @@ def test_notify_json_is_one_document_with_stable_fields(
     assert doc["body"] == {"message": "Message sent"}
     assert uuid.UUID(doc["request_id"]).version == 7
     assert 0 < doc["latency_ms"] < 10_000
-    assert doc["sent_at"] <= doc["received_at"]
+    assert doc["client_sent_at"] <= doc["client_received_at"]
     assert doc["response_before_last_write_ms"] > 0
     server = doc["server"]
     assert server["id"] == doc["request_id"]
@@ -185,7 +185,7 @@ def test_notify_json_is_one_document_with_stable_fields(
     ]
     last = max(t["finished_at"] for t in tasks)
     assert doc["response_before_last_write_ms"] == pytest.approx(
-        (last - doc["received_at"]) * 1000, abs=0.01
+        (last - doc["client_received_at"]) * 1000, abs=0.01
     )
 
 
@@ -329,7 +329,7 @@ def test_tasks_table_has_the_columns(start_server: Callable[..., LiveServer]) ->
     live = start_server()
     request_id = fire_json(live, "notify", "a@example.com")["request_id"]
     task_id = json.loads(invoke("tasks", "--json", "--url", live.url).stdout)[0]["id"]
-    result = invoke("tasks", "--url", live.url)
+    result = invoke("tasks", "--url", live.url, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert out.startswith("recent tasks")
@@ -347,9 +347,10 @@ def test_tasks_table_has_the_columns(start_server: Callable[..., LiveServer]) ->
         "ran",
     ]
     row = next(line for line in out.splitlines() if task_id in line)
-    assert request_id[:12] in row and " done " in row
+    assert f"…{request_id[-8:]}" in row and " done " in row
     assert re.search(r"(\d\d:\d\d:\d\d\.\d{3}.*){3}", row), row
-    assert all(len(line) <= 120 for line in out.splitlines())
+    assert all(len(line) <= 200 for line in out.splitlines())
+    assert "not shown" not in out
 
 
 def test_tasks_table_empty(start_server: Callable[..., LiveServer]) -> None:
@@ -411,7 +412,9 @@ def test_state_file_finds_the_running_server(
     tailed = invoke("tail", "--no-follow", "--json", "-n", "5")
     assert tailed.exit_code == 0, tailed.output
     events = [json.loads(line) for line in tailed.stdout.splitlines()]
-    assert [(e["file"], e["text"]) for e in events] == [("log.txt", "message to a@example.com")]
+    assert [(e["source"], e["text"], e["backlog"]) for e in events] == [
+        ("log.txt", "message to a@example.com", True)
+    ]
 
 
 def test_state_file_of_a_dead_server_is_ignored(isolated_env: Path) -> None:
@@ -464,7 +467,7 @@ class FakeServe:
 @pytest.fixture
 def fake_serve() -> Iterator[FakeServe]:
     fake = FakeServe()
-    with patch.object(launcher, "serve", fake):
+    with patch.object(launcher, "serve", fake), patch.object(launcher, "preflight", FakeServe()):
         yield fake
 
 

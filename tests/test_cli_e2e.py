@@ -25,7 +25,7 @@ WAIT = 15.0
 RUN_TIMEOUT = 60.0
 HAS_PROC = Path("/proc/self/fd").is_dir()
 RED_ERROR = "\x1b[1;31mError:\x1b[0m"
-TAIL_FIELDS = {"at", "file", "kind", "text", "request_id", "task_id"}
+TAIL_FIELDS = {"at", "backlog", "source", "kind", "text", "request_id", "task_id"}
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -156,8 +156,9 @@ def test_module_entry_point_help() -> None:
 
 
 # Start-up time is mostly imports: the client commands must not load the server's stack
-# (fastapi, uvicorn), pydantic (Typer >= 0.29 coerces options through it) or click and
-# pygments (httpx imports its own command line when click is installed).
+# (fastapi, uvicorn), pydantic (Typer >= 0.29 converts options through it unless the CLI hands
+# it plain converters, bgtasks_cli/coercion.py) or click and pygments (Typer < 0.26 imports
+# click; httpx imports its own command line when click is installed).
 HEAVY = ["fastapi", "uvicorn", "pydantic", "click", "pygments"]
 
 
@@ -353,7 +354,7 @@ def test_tail_follows_appends_truncation_and_recreation(
             event = json.loads(line)
             assert set(event) == TAIL_FIELDS
             events.append(event)
-            return (event["file"], event["kind"]) == (file, kind) and text in (
+            return (event["source"], event["kind"]) == (file, kind) and text in (
                 None,
                 event["text"],
             )

@@ -1,0 +1,1 @@
+"""The CLI's commands by group; `bgtasks_cli.cli` registers them on the app."""

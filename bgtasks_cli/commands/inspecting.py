@@ -1,0 +1,136 @@
+"""`tail` and `tasks`: watch the data files and the registry."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from bgtasks_cli.options import (
+    DataDirOpt,
+    FileChoice,
+    JsonOpt,
+    UrlOpt,
+    console,
+    finite,
+    print_json,
+)
+from server.status import TaskStatus
+
+if TYPE_CHECKING:
+    from bgtasks_cli.tailer import TailEvent
+
+
+def tail(
+    file: Annotated[
+        FileChoice, typer.Option("--file", "-f", help="Which file to follow.")
+    ] = FileChoice.all,
+    lines: Annotated[
+        int, typer.Option("-n", "--lines", min=0, max=100_000, help="Lines of backlog to show.")
+    ] = 10,
+    follow: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="Keep following after the backlog.")
+    ] = True,
+    events: Annotated[
+        bool,
+        typer.Option("--events", help="Interleave the server's request and task events."),
+    ] = False,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow log.txt and README.md like `tail -F`: each new line with the time it appeared.
+
+    Backlog lines (there before `tail` started) are marked `backlog`: when they appeared is
+    not known. Files that appear later, are truncated, or are deleted and recreated are
+    followed on. Stop with Ctrl-C.
+
+    Example: `bgtasks tail --file log -n 0 --events`
+    """
+    from bgtasks_cli import render
+    from bgtasks_cli.state import resolve_data_dir
+    from bgtasks_cli.tailer import FILE_CHOICES, Tailer
+
+    tailer = Tailer(
+        resolve_data_dir(data_dir), FILE_CHOICES[file.value], backlog=lines, events=events
+    )
+    out = console()
+
+    def show(event: TailEvent) -> None:
+        if as_json:
+            print_json(render.tail_json(event))
+        else:
+            out.print(render.tail_line(event), soft_wrap=True)
+
+    for event in tailer.initial():
+        show(event)
+    if not follow:
+        return
+    stop = threading.Event()
+    try:
+        for event in tailer.follow(stop):
+            show(event)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def tasks(
+    status: Annotated[
+        TaskStatus | None,
+        typer.Option("--status", "-s", help="Only tasks in this state."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh live until Ctrl-C.")
+    ] = False,
+    interval: Annotated[
+        float,
+        typer.Option(
+            min=0.1, max=60, callback=finite, help="Seconds between refreshes with --watch."
+        ),
+    ] = 0.5,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show recent tasks: their request, what they write, when they were queued, started and
+    finished, and how long each step took. Narrow terminals get fewer columns.
+
+    Example: `bgtasks tasks --status failed`
+    """
+    import time
+
+    from bgtasks_cli import render
+    from bgtasks_cli.client import Client
+    from bgtasks_cli.state import resolve_url
+
+    wanted = status.value if status else None
+    with Client(resolve_url(url)) as client:
+        rows = client.tasks(wanted, limit)
+        if not watch:
+            if as_json:
+                print_json(rows)
+            else:
+                out = console()
+                out.print(render.tasks_table(rows, width=out.width))
+            return
+        try:
+            if as_json:
+                seen: dict[str, str] = {}
+                while True:
+                    for row in reversed(rows):
+                        if seen.get(row["id"]) != row["status"]:
+                            seen[row["id"]] = row["status"]
+                            print_json(row)
+                    time.sleep(interval)
+                    rows = client.tasks(wanted, limit)
+            from rich.live import Live
+
+            out = console()
+            table = render.tasks_table(rows, width=out.width)
+            with Live(table, console=out, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    rows = client.tasks(wanted, limit)
+                    live.update(render.tasks_table(rows, width=out.width), refresh=True)
+        except KeyboardInterrupt:
+            pass
