@@ -366,7 +366,7 @@ def draw_outcome(outcome: Outcome, *, width: int, now: float | None = None) -> T
     return draw(
         outcome.record or {"id": outcome.fired.request_id},
         width=width,
-        client_sent_at=outcome.fired.sent_at,
-        client_received_at=outcome.fired.received_at,
+        client_sent_at=outcome.fired.client_sent_at,
+        client_received_at=outcome.fired.client_received_at,
         now=now,
     )

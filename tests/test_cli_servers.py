@@ -288,4 +288,5 @@ def test_a_damaged_registry_during_the_follow_is_reported_at_once(
     assert proc.wait(timeout=30) == EXIT_FAILED
     stderr = proc.stderr.read()
     line = assert_one_error_line(stderr)
-    assert "GET /requests/" in line and "the server failed: 500" in line, stderr
+    assert "GET /requests/" in line and "the server failed: 503" in line, stderr
+    assert "no such table: tasks" in line  # the registry's own words

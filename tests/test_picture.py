@@ -587,8 +587,8 @@ def test_draw_outcome_uses_the_client_s_times() -> None:
         status=200,
         body={"message": "Message sent"},
         request_id=REQUEST_ID,
-        sent_at=at(sent) or 0.0,
-        received_at=at(received) or 0.0,
+        client_sent_at=at(sent) or 0.0,
+        client_received_at=at(received) or 0.0,
     )
     assert picture.draw_outcome(Outcome(fired, record), width=80).plain + "\n" == draw(
         "delayed_notify", 80

@@ -104,7 +104,7 @@ def check_registry(data_dir: Path) -> None:
     if not db.is_file():
         raise StoreFault(f"{db} is not a regular file")
     try:
-        conn = sqlite3.connect(db, timeout=1.0, isolation_level=None)
+        conn = sqlite3.connect(db, timeout=0.2, isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreFault(f"{db} cannot be opened: {exc}") from None
     try:
@@ -116,7 +116,9 @@ def check_registry(data_dir: Path) -> None:
         conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
         conn.execute("ROLLBACK")
     except sqlite3.DatabaseError as exc:
-        raise StoreFault(f"{db} is not a usable task registry: {exc}") from None
+        if is_fault(exc) or not isinstance(exc, sqlite3.OperationalError):
+            raise StoreFault(f"{db} is not a usable task registry: {exc}") from None
+        # Busy: another process is writing it this moment; opening it will prove the rest.
     finally:
         conn.close()
 
