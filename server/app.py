@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.config import Settings
 from server.middleware import RegistryMiddleware
-from server.registry import Registry, SqliteStore
+from server.registry import Registry, SqliteStore, Store, StoreFault
 from server.routes import add_routes
 from server.runner import TaskRunner
 
@@ -31,9 +31,7 @@ each task was queued, started and finished.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. With no settings, read them from `BGTASKS_*` environment variables."""
     settings = settings or Settings()
-    store = SqliteStore(
-        settings.data_dir, retention=settings.retention, lock_timeout=settings.lock_timeout
-    )
+    store = make_store(settings)
     registry = Registry(
         settings.data_dir,
         owner=uuid.uuid4().hex[:8],
@@ -41,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lock_timeout=settings.lock_timeout,
     )
     runner = TaskRunner(registry, delay=settings.delay, max_running=settings.max_running)
+    registry.on_adopted = runner.adopt
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +77,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RegistryMiddleware, registry=registry, runner=runner, recorded=app.state.recorded_paths
     )
     return app
+
+
+def make_store(settings: Settings) -> Store:
+    """The store the settings ask for: PostgreSQL for a database URL, else SQLite in the data
+    directory."""
+    if settings.database_url is None:
+        return SqliteStore(
+            settings.data_dir, retention=settings.retention, lock_timeout=settings.lock_timeout
+        )
+    try:
+        from server.registry.postgres import PostgresStore
+    except ImportError:
+        raise StoreFault(
+            "a PostgreSQL registry needs psycopg: pip install 'bgtasks[postgres]'"
+        ) from None
+    return PostgresStore(settings.database_url, settings.data_dir, retention=settings.retention)
 
 
 def _log_pending_on_signal(runner: TaskRunner) -> Callable[[], None]:

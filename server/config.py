@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_running: int = Field(
         10_000, ge=1, le=1_000_000, description="Tasks allowed to run at once; more wait."
     )
+    database_url: str | None = Field(
+        None,
+        pattern=r"^postgres(ql)?://",
+        description="A PostgreSQL database (postgresql://USER@HOST:PORT/DB) to keep the registry"
+        " in, shared by processes on many machines; by default, SQLite in the data directory.",
+    )
 
 
 class SettingsError(ValueError):

@@ -63,6 +63,9 @@ class Health(BaseModel):
     data_dir: str
     delay: float
     unfinished_tasks: int | None = Field(None, description="None while the registry is unusable.")
+    owners: int | None = Field(
+        None, description="Server processes alive on this registry (None while it is unusable)."
+    )
     pid: int
     error: str | None = Field(None, description="Why the registry is unusable, if it is.")
 
@@ -186,6 +189,7 @@ async def health(request: Request, registry: RegistryDep) -> Any:
     )
     try:
         health.unfinished_tasks = await registry.count_unfinished()
+        health.owners = await registry.store.live_owners()
     except RegistryError as exc:
         health.status, health.error = "unavailable", str(exc)
         return JSONResponse(health.model_dump(), status_code=503)

@@ -21,7 +21,7 @@ import logging
 import time
 
 from server.records import RequestRecord, TaskRecord
-from server.registry import Registry
+from server.registry import Registry, TaskTakenOver
 from server.status import TaskStatus
 
 logger = logging.getLogger("bgtasks.tasks")
@@ -138,7 +138,9 @@ class TaskRunner:
             return
         self._started -= 1
         self._running -= 1
-        if error is not None:
+        if isinstance(error, TaskTakenOver):
+            logger.warning("%s; this process does not write it", error)
+        elif error is not None:
             self._failed(task, error)
         if self._stopped:
             return

@@ -14,7 +14,13 @@ once, even across `kill -9`. The rules it keeps are numbered in docs/protocol.md
 from server.registry.batch import Ended
 from server.registry.registry import Registry
 from server.registry.sqlite import SqliteStore, check_registry, connect
-from server.registry.store import RegistryError, Store, StoreBusy, StoreFault
+from server.registry.store import (
+    RegistryError,
+    Store,
+    StoreBusy,
+    StoreFault,
+    TaskTakenOver,
+)
 
 __all__ = [
     "Ended",
@@ -24,6 +30,7 @@ __all__ = [
     "Store",
     "StoreBusy",
     "StoreFault",
+    "TaskTakenOver",
     "check_registry",
     "connect",
 ]

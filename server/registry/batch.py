@@ -18,9 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.records import RequestRecord, TaskRecord
-from server.registry.claims import place_lines
+from server.registry.claims import Claim, place_lines
 from server.registry.files import DataFiles, append_lines
-from server.registry.store import Changes, RegistryError, Store, StoreBusy, StoreFault
+from server.registry.store import (
+    Changes,
+    RegistryError,
+    Store,
+    StoreBusy,
+    StoreFault,
+    TaskTakenOver,
+)
 from server.status import SUCCEEDED, TaskStatus
 
 logger = logging.getLogger("bgtasks.registry")
@@ -204,10 +211,8 @@ class GroupCommit:
             for future in batch.waiters:
                 _settle(future, None)
             for (_, fd, submissions), claim in zip(locked, claims, strict=True):
-                for task, _ in submissions:
-                    task.claim = claim.number
                 self.next.changes.ended_claims.append(claim.number)  # rule 5, at the next commit
-                _write(fd, claim.start, submissions)
+                _write(fd, claim, submissions)
         finally:
             for name, _, _ in locked:
                 self.files.unlock(name)
@@ -266,9 +271,20 @@ class GroupCommit:
         changes.ended_claims.extend(batch.changes.ended_claims)
 
 
-def _write(fd: int, start: int, submissions: list[Submission]) -> None:
-    """Write a claim's lines (rule 4), mark the ones that landed, and report each one's end."""
-    landed, error = append_lines(fd, start, [task.data for task, _ in submissions])
+def _write(fd: int, claim: Claim, submissions: list[Submission]) -> None:
+    """Write a claim's lines (rule 4), mark the ones that landed, and report each one's end.
+    A task the claim left out is another owner's now (rule 13): it is not written here, and
+    the claim's lines are placed without it."""
+    if len(claim.keys) != len(submissions):
+        kept = set(claim.keys)
+        for task, ended in submissions:
+            if task.pk not in kept:
+                ended(TaskTakenOver(f"task {task.id} was adopted by another process"))
+        submissions = [item for item in submissions if item[0].pk in kept]
+        place_lines([task for task, _ in submissions], claim.inode, claim.start)
+    for task, _ in submissions:
+        task.claim = claim.number
+    landed, error = append_lines(fd, claim.start, [task.data for task, _ in submissions])
     now = time.time()
     for task, _ in submissions[:landed]:
         task.status = TaskStatus.RECOVERED if task.adopted else TaskStatus.DONE

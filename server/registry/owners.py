@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
+import uuid
 from pathlib import Path
 
 from server.paths import STATE_DIR, owners_dir
@@ -27,6 +29,23 @@ def check_state_dir(data_dir: Path) -> None:
             raise StoreFault(
                 f"{path} is a symbolic link; the service writes only inside its data directory"
             )
+
+
+def data_dir_id(data_dir: Path) -> str:
+    """This data directory's id (`.bgtasks/id`, made at its first use): claims in a store
+    shared by many machines name the directory their file is in."""
+    path = data_dir / STATE_DIR / "id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = uuid.uuid4().hex
+        try:
+            with open(path, "x") as file:  # a sibling starting at once may have made it first
+                file.write(fresh + "\n")
+        except FileExistsError:
+            return path.read_text().strip()
+        return fresh
 
 
 class OwnerLocks:
@@ -46,10 +65,32 @@ class OwnerLocks:
         assert fd is not None
         return fd
 
-    def take_if_dead(self, owner: str) -> int | None:
+    def take_if_dead(self, owner: str, *, patient: bool = False) -> int | None:
         """Take `owner`'s lock if nobody holds it (the owner is dead and no sibling is
-        recovering it); None if it is held."""
-        return self._lock(owner, blocking=False)
+        recovering it); None if it is held. `patient`: if held, look once more a moment later,
+        in case `alive` was looking at it (at start, when a wrong answer costs a whole run)."""
+        fd = self._lock(owner, blocking=False)
+        if fd is None and patient:
+            time.sleep(0.01)
+            fd = self._lock(owner, blocking=False)
+        return fd
+
+    def alive(self) -> int:
+        """How many owners hold their lock. A look that takes a shared lock for an instant:
+        it never stops another look, and a recoverer looks twice (`take_if_dead`)."""
+        count = 0
+        for owner in self.listed():
+            try:
+                fd = os.open(self._path(owner), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue  # removed meanwhile: its owner closed, or was recovered
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                count += 1
+            finally:
+                os.close(fd)
+        return count
 
     def release(self, owner: str, fd: int) -> None:
         """Remove the lock file and let go of its lock: this owner has nothing left to do."""

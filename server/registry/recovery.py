@@ -25,14 +25,14 @@ logger = logging.getLogger("bgtasks.registry")
 
 
 async def recover_dead_owners(
-    store: Store, files: DataFiles, owners: OwnerLocks, me: str
+    store: Store, files: DataFiles, owners: OwnerLocks, me: str, *, at_start: bool
 ) -> list[TaskRecord]:
     """Finish the claimed lines of every dead owner and adopt its other unfinished tasks for
     `me`. Returns the adopted tasks, queued again: the caller runs them."""
     candidates = await store.owners_with_unfinished_tasks() | owners.listed()
     adopted: list[TaskRecord] = []
     for owner in sorted(candidates - {me}):
-        fd = owners.take_if_dead(owner)
+        fd = owners.take_if_dead(owner, patient=at_start)
         if fd is None:
             continue  # rule 6: alive, or a sibling is recovering it
         try:

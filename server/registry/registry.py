@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,8 +15,12 @@ from server.registry.batch import GroupCommit
 from server.registry.files import DataFiles
 from server.registry.owners import OwnerLocks, check_state_dir
 from server.registry.recovery import recover_dead_owners
-from server.registry.store import Store, StoreFault
+from server.registry.store import RegistryError, Store, StoreFault
 from server.status import TaskStatus
+
+logger = logging.getLogger("bgtasks.registry")
+
+WATCH_EVERY_S = 1.0
 
 
 class Registry:
@@ -31,6 +38,9 @@ class Registry:
         self._owner_fd: int | None = None
         self._files = DataFiles(data_dir)
         self._commits = GroupCommit(store, self._files, lock_timeout=lock_timeout)
+        self._watcher: asyncio.Task[None] | None = None
+        # Who runs the tasks adopted from owners that die while this process serves.
+        self.on_adopted: Callable[[list[TaskRecord]], None] | None = None
         self.commit_intents = self._commits.commit_intents
         self.note_request = self._commits.note_request
         self.note_task = self._commits.note_task
@@ -52,14 +62,43 @@ class Registry:
         self._owner_fd = self._owners.hold(self.owner)
         try:
             await self.store.open(self.owner)
-            return await recover_dead_owners(self.store, self._files, self._owners, self.owner)
+            adopted = await recover_dead_owners(
+                self.store, self._files, self._owners, self.owner, at_start=True
+            )
         except BaseException:
             await self.close()
             raise
+        if self.store.shared:
+            self._watcher = asyncio.create_task(self._watch_dead_owners())
+        return adopted
+
+    async def _watch_dead_owners(self) -> None:
+        """In a store other machines share, owners die while this one serves: every
+        WATCH_EVERY_S, recover what they left and hand the adopted tasks to `on_adopted`."""
+        failing = False
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                adopted = await recover_dead_owners(
+                    self.store, self._files, self._owners, self.owner, at_start=False
+                )
+            except RegistryError as exc:
+                if not failing:
+                    logger.warning("looking for dead owners' work failed (%s); trying on", exc)
+                failing = True
+                continue
+            failing = False
+            if adopted and self.on_adopted is not None:
+                self.on_adopted(adopted)
 
     async def close(self) -> None:
         """Commit everything waiting, close the store and let go of the owner lock. Tasks
         not finished stay unfinished in the store, for the next start to recover."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._commits.fault is None:
             await self._commits.drain()
         await self.store.close()

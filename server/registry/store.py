@@ -35,6 +35,11 @@ class StoreFault(RegistryError):
     """The store cannot be used (damaged, not a registry, read-only) until it is repaired."""
 
 
+class TaskTakenOver(RegistryError):
+    """The task is no longer this owner's: another process adopted it while this one was
+    cut off from the store (rule 13). Its line is not written here."""
+
+
 @dataclass(slots=True)
 class Changes:
     """What one transaction records, besides the claims."""
@@ -68,7 +73,10 @@ class Store(Protocol):
     """Storage for the registry. Requests and tasks are rows; claims are rows of their own."""
 
     name: str
-    """What `GET /health` calls it: "sqlite"."""
+    """What `GET /health` calls it: "sqlite" or "postgresql"."""
+    shared: bool
+    """Processes on other machines use it too: dead owners' work is looked for all along, not
+    only when a process starts."""
 
     async def open(self, owner: str) -> None:
         """Create the schema or migrate an older one, and register `owner` as alive. Raises
@@ -86,7 +94,11 @@ class Store(Protocol):
         nothing."""
 
     async def is_alive(self, owner: str) -> bool:
-        """Whether `owner` still holds what shows it alive to this store."""
+        """Whether `owner`, whose owner lock in this data directory the caller holds (so it is
+        dead here, or never ran here), is alive elsewhere."""
+
+    async def live_owners(self) -> int:
+        """How many owners are alive."""
 
     async def owners_with_unfinished_tasks(self) -> set[str]:
         """Every owner that has tasks not yet ended."""

@@ -20,6 +20,7 @@ from typing import Any
 from server.paths import registry_path
 from server.records import RequestRecord, TaskRecord, new_request_id
 from server.registry.claims import Claim
+from server.registry.owners import OwnerLocks
 from server.registry.sqlite import queries
 from server.registry.sqlite.checkpoint import Checkpointer
 from server.registry.sqlite.prune import prune
@@ -39,6 +40,7 @@ class SqliteStore:
     """`Store` on SQLite. Owners show they are alive with their lock files (rule 6)."""
 
     name = "sqlite"
+    shared = False
 
     def __init__(self, data_dir: Path, *, retention: int, lock_timeout: float) -> None:
         self.data_dir = data_dir
@@ -219,6 +221,9 @@ class SqliteStore:
         # Every owner of a SQLite registry runs on its data directory, and shows it is alive
         # there only by its lock file, which the caller holds.
         return False
+
+    async def live_owners(self) -> int:
+        return OwnerLocks(self.data_dir).alive()
 
     async def owners_with_unfinished_tasks(self) -> set[str]:
         conn = self._writer()

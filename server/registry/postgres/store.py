@@ -1,0 +1,474 @@
+"""The registry in PostgreSQL: one database shared by server processes on many machines.
+
+Each process keeps two connections. The first carries its group commits and recovery, one
+transaction at a time; a group commit is sent in pipeline mode with no BEGIN, so everything up
+to the pipeline's one Sync is a single implicit transaction and a single round trip. Its
+session also holds an advisory lock keyed by the owner's id for as long as the process lives:
+the database itself says who is alive (rule 6). The second connection serves the HTTP API's
+reads. A process whose session was cut may still be running; the claim statement takes only
+tasks it still owns, and drops those another process adopted meanwhile (rule 13).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.rows import dict_row
+from psycopg.types.array import ListBinaryDumper
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+
+from server.records import RequestRecord, TaskRecord, new_request_id
+from server.registry.claims import Claim
+from server.registry.owners import data_dir_id
+from server.registry.postgres import queries
+from server.registry.postgres.schema import NAMESPACE, create_or_migrate
+from server.registry.store import Changes, DeadOwnerWork, StoreBusy, StoreFault
+from server.status import UNFINISHED, TaskStatus
+
+PRUNE_EVERY = 500
+_UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
+# A host that loses its network sends nothing: its sessions end, and its lock is freed, only
+# once TCP keepalives fail. These make that about 11 s on both sides, not two hours.
+SESSION = (
+    "keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3"
+    " options='-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
+    " -c tcp_keepalives_count=3 -c synchronous_commit=on'"
+)
+
+INSERT_REQUESTS = (
+    "INSERT INTO bgtasks.requests (id, method, path, received_at, status_code, accepted)"
+    " SELECT *, true FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::int[])"
+)
+# A client-chosen id that an accepted request already has stays that request's.
+INSERT_CHOSEN_REQUESTS = (
+    INSERT_REQUESTS + " ON CONFLICT (id) DO UPDATE SET method = excluded.method, path ="
+    " excluded.path, received_at = excluded.received_at, response_sent_at = NULL,"
+    " status_code = excluded.status_code, accepted = true WHERE NOT bgtasks.requests.accepted"
+    " RETURNING id"
+)
+INSERT_TASKS = (
+    "INSERT INTO bgtasks.tasks (id, request_id, seq, owner, file, line, status, queued_at)"
+    " SELECT id, request_id, seq, %s, file, line, 'queued', queued_at FROM unnest(%s::text[],"
+    " %s::text[], %s::int[], %s::text[], %s::text[], %s::float8[])"
+    " AS u(id, request_id, seq, file, line, queued_at) RETURNING id, pk"
+)
+MARK_SENT = (
+    "UPDATE bgtasks.requests AS r SET response_sent_at = u.sent, status_code = u.code"
+    " FROM unnest(%s::text[], %s::float8[], %s::int[]) AS u(id, sent, code) WHERE r.id = u.id"
+)
+# Recorded whole, in place of an earlier request with the same id only if that one was not
+# accepted either.
+RECORD_REQUESTS = (
+    "INSERT INTO bgtasks.requests (id, method, path, received_at, response_sent_at, status_code)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[],"
+    " %s::int[]) ON CONFLICT (id) DO UPDATE SET method = excluded.method, path = excluded.path,"
+    " received_at = excluded.received_at, response_sent_at = excluded.response_sent_at,"
+    " status_code = excluded.status_code WHERE NOT bgtasks.requests.accepted"
+)
+# Rules 2, 3 and 13 in one statement: number a claim, take each task that `owner` still owns
+# and that has no claim yet, and record the claim with those tasks only, in the order given.
+CLAIM = (
+    "WITH n AS (SELECT nextval('bgtasks.claim_numbers') AS claim),"
+    " owned AS (UPDATE bgtasks.tasks AS t SET claim = n.claim FROM n"
+    f" WHERE t.pk = ANY(%(keys)s::bigint[]) AND t.owner = %(owner)s AND t.status IN ({_UNFINISHED})"
+    " AND t.claim IS NULL RETURNING t.pk)"
+    " INSERT INTO bgtasks.claims (claim, owner, data_dir, file, inode, start, tasks)"
+    " SELECT n.claim, %(owner)s, %(here)s, %(file)s, %(inode)s, %(start)s,"
+    " ARRAY(SELECT k FROM unnest(%(keys)s::bigint[]) WITH ORDINALITY AS u(k, i)"
+    " WHERE k IN (SELECT pk FROM owned) ORDER BY i) FROM n RETURNING claim, tasks"
+)
+# Only this owner's: a task another process adopted is no longer this one's to note.
+UPDATE_TASKS = (
+    "UPDATE bgtasks.tasks AS t SET status = u.status, started_at = u.started, finished_at ="
+    " u.finished, error = u.error FROM unnest(%s::bigint[], %s::text[], %s::float8[],"
+    " %s::float8[], %s::text[]) AS u(pk, status, started, finished, error)"
+    " WHERE t.pk = u.pk AND t.owner = %s"
+)
+END_CLAIMS = "UPDATE bgtasks.claims SET ended = true WHERE claim = ANY(%s::bigint[])"
+LOCKS = (
+    "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND classid = %s::oid AND objsubid = 2"
+)
+
+
+def lock_key(owner: str) -> int:
+    """The second key of an owner's advisory lock: its 8 hex digits, as a signed int4."""
+    value = int(owner, 16)
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+async def connect(url: str, **kwargs: Any) -> AsyncConnection[Any]:
+    """A connection with the session settings every registry connection needs."""
+    conninfo = psycopg.conninfo.make_conninfo(url, **psycopg.conninfo.conninfo_to_dict(SESSION))
+    conn: AsyncConnection[Any] = await AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
+    # Every int as a bigint, so a statement's parameter types (and its prepared plan) stay the
+    # same as keys grow; lists as binary arrays (the text form quotes each element in Python).
+    conn.adapters.register_dumper(int, Int8Dumper)
+    conn.adapters.register_dumper(int, Int8BinaryDumper)
+    conn.adapters.register_dumper(list, ListBinaryDumper)
+    return conn
+
+
+class PostgresStore:
+    """`Store` on PostgreSQL, shared by every process of every host that uses the database."""
+
+    name = "postgresql"
+    shared = True
+
+    def __init__(self, url: str, data_dir: Path, *, retention: int) -> None:
+        self.url = url
+        self.data_dir = data_dir
+        self.retention = retention
+        self.owner = ""
+        self._here = ""  # this data directory's id, in the claims made in it
+        self._conn: AsyncConnection[Any] | None = None
+        self._reader: AsyncConnection[Any] | None = None
+        self._lock_held = False
+        self._registered = False
+        self._writing = asyncio.Lock()  # one transaction at a time on the commit connection
+        self._since_prune = 0
+        self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, owner: str) -> None:
+        self.owner = owner
+        self._here = data_dir_id(self.data_dir)
+        with _translated("open", self.url):
+            conn = await self._connected()
+            await create_or_migrate(conn)
+            if not self._lock_held:
+                raise StoreFault(f"another live process already has owner id {owner}")
+            await conn.execute(
+                "INSERT INTO bgtasks.owners VALUES (%s, %s, %s, %s, %s)",
+                (owner, socket.gethostname(), os.getpid(), self._here, time.time()),
+            )
+            self._registered = True
+            self._reader = await connect(self.url, row_factory=dict_row)
+
+    async def close(self) -> None:
+        with _translated("close", self.url):
+            if self._registered and self._conn is not None and not self._conn.broken:
+                async with self._writing:
+                    await self._conn.execute(
+                        "DELETE FROM bgtasks.owners WHERE owner = %s", (self.owner,)
+                    )
+        self._registered = False
+        for conn in (self._conn, self._reader):
+            if conn is not None:
+                await conn.close()
+        self._conn = self._reader = None
+
+    async def _connected(self) -> AsyncConnection[Any]:
+        """The commit connection, made again if it was lost, and this owner's lock taken on
+        it if it is not yet held."""
+        if self._conn is None or self._conn.broken or self._conn.closed:
+            self._lock_held = False
+            self._conn = await connect(self.url)
+        if self.owner and not self._lock_held:
+            # After a cut the old session may hold it until the server notices: try again at
+            # each commit (meanwhile the claim statement keeps every line safe).
+            cursor = await self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s::int, %s::int)", (NAMESPACE, lock_key(self.owner))
+            )
+            row = await cursor.fetchone()
+            self._lock_held = bool(row and row[0])
+        return self._conn
+
+    # -- the group commit ------------------------------------------------------------------
+
+    async def commit(self, changes: Changes, claims: Sequence[Sequence[TaskRecord]]) -> list[Claim]:
+        with _translated("commit", self.url):
+            async with self._writing:
+                conn = await self._connected()
+                async with conn.pipeline():  # one implicit transaction, up to the Sync
+                    inserted = await self._insert_intents(conn, changes.intents)
+                    if changes.requests:
+                        await self._record_requests(conn, changes.requests.values())
+                    made = [await self._claim(conn, self.owner, tasks) for tasks in claims]
+                    if changes.tasks:
+                        rows = [
+                            (t.pk, t.status.value, t.started_at, t.finished_at, t.error)
+                            for t in changes.tasks.values()
+                        ]
+                        await conn.execute(UPDATE_TASKS, (*_columns(rows, 5), self.owner))
+                    if changes.ended_claims:
+                        await conn.execute(END_CLAIMS, (changes.ended_claims,))
+                    self._since_prune += len(changes.requests)
+                    if self._since_prune >= self._prune_every:
+                        self._since_prune = 0
+                        await queries.prune(conn, self.retention)
+                if inserted is not None:
+                    keys = {row[0]: row[1] for row in await inserted.fetchall()}
+                    for request in changes.intents:
+                        for task in request.tasks:
+                            task.pk = keys[task.id]
+                return [
+                    await self._claimed(cursor, self.owner, tasks)
+                    for cursor, tasks in zip(made, claims, strict=True)
+                ]
+
+    async def _insert_intents(
+        self, conn: AsyncConnection[Any], intents: list[RequestRecord]
+    ) -> AsyncCursor[Any] | None:
+        """The intents' rows; returns the cursor that will hold the new tasks' keys."""
+        if not intents:
+            return None
+        chosen = [r for r in intents if r.id_from_client]
+        fresh = [r for r in intents if not r.id_from_client]
+        while chosen:
+            # A client-chosen id an accepted request has (on any host, even at this moment)
+            # is replaced by a fresh one. Reading the answer flushes the pipeline: the
+            # transaction goes on.
+            cursor = await conn.execute(INSERT_CHOSEN_REQUESTS, _request_columns(chosen))
+            kept = {row[0] for row in await cursor.fetchall()}
+            taken = [r for r in chosen if r.id not in kept]
+            for request in taken:
+                request.rename(new_request_id())
+            chosen = taken
+        if fresh:
+            await conn.execute(INSERT_REQUESTS, _request_columns(fresh))
+        tasks = [t for r in intents for t in r.tasks]
+        cursor = conn.cursor()
+        await cursor.execute(
+            INSERT_TASKS,
+            (
+                self.owner,
+                *_columns(
+                    [(t.id, t.request_id, t.seq, t.file, t.line, t.queued_at) for t in tasks], 6
+                ),
+            ),
+        )
+        return cursor
+
+    @staticmethod
+    async def _record_requests(
+        conn: AsyncConnection[Any], requests: Iterable[RequestRecord]
+    ) -> None:
+        sent = [(r.id, r.response_sent_at, r.status_code) for r in requests if r.accepted]
+        other = [
+            (r.id, r.method, r.path, r.received_at, r.response_sent_at, r.status_code)
+            for r in requests
+            if not r.accepted
+        ]
+        if sent:
+            await conn.execute(MARK_SENT, _columns(sent, 3))
+        if other:
+            await conn.execute(RECORD_REQUESTS, _columns(other, 6))
+
+    async def _claim(
+        self, conn: AsyncConnection[Any], owner: str, tasks: Sequence[TaskRecord]
+    ) -> AsyncCursor[Any]:
+        first = tasks[0]
+        cursor = conn.cursor()
+        await cursor.execute(
+            CLAIM,
+            {
+                "keys": [task.pk for task in tasks],
+                "owner": owner,
+                "here": self._here,
+                "file": first.file,
+                "inode": first.inode or 0,
+                "start": first.offset or 0,
+            },
+        )
+        return cursor
+
+    @staticmethod
+    async def _claimed(cursor: AsyncCursor[Any], owner: str, tasks: Sequence[TaskRecord]) -> Claim:
+        row = await cursor.fetchone()
+        assert row is not None  # the statement always inserts its claims row
+        first = tasks[0]
+        return Claim(
+            int(row[0]), owner, first.file, first.inode or 0, first.offset or 0, tuple(row[1])
+        )
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def is_alive(self, owner: str) -> bool:
+        with _translated("read", self.url):
+            cursor = await self._read().execute(
+                LOCKS + " AND objid = %s::oid", (NAMESPACE, int(owner, 16))
+            )
+            row = await cursor.fetchone()
+        return bool(row and row["n"])
+
+    async def live_owners(self) -> int:
+        with _translated("read", self.url):
+            cursor = await self._read().execute(LOCKS, (NAMESPACE,))
+            row = await cursor.fetchone()
+        return int(row["n"]) if row else 0
+
+    async def owners_with_unfinished_tasks(self) -> set[str]:
+        with _translated("read", self.url):
+            cursor = await self._read().execute(
+                f"SELECT DISTINCT owner FROM bgtasks.tasks WHERE status IN ({_UNFINISHED})"
+            )
+            return {row["owner"] for row in await cursor.fetchall()}
+
+    async def dead_owner_work(self, owner: str) -> DeadOwnerWork:
+        """Its unfinished tasks claimed in this data directory or not at all (those claimed in
+        another wait for that directory), and its open claims here."""
+        conn = self._read()
+        with _translated("read", self.url):
+            cursor = await conn.execute(
+                "SELECT t.* FROM bgtasks.tasks t LEFT JOIN bgtasks.claims c ON c.claim = t.claim"
+                f" WHERE t.owner = %s AND t.status IN ({_UNFINISHED})"
+                " AND (t.claim IS NULL OR c.data_dir = %s) ORDER BY t.pk",
+                (owner, self._here),
+            )
+            tasks = [_task_from_row(row) for row in await cursor.fetchall()]
+            cursor = await conn.execute(
+                "SELECT claim, file, inode, start, tasks FROM bgtasks.claims"
+                " WHERE owner = %s AND data_dir = %s AND NOT ended ORDER BY claim",
+                (owner, self._here),
+            )
+            claims = [
+                Claim(r["claim"], owner, r["file"], r["inode"], r["start"], tuple(r["tasks"]))
+                for r in await cursor.fetchall()
+            ]
+            unfinished = {task.pk for task in tasks}
+            wanted = sorted({key for claim in claims for key in claim.keys} - unfinished)
+            cursor = await conn.execute(
+                "SELECT pk, octet_length(line) AS n FROM bgtasks.tasks"
+                " WHERE pk = ANY(%s::bigint[]) AND owner = %s",
+                (wanted, owner),
+            )
+            ended_lengths = {row["pk"]: row["n"] for row in await cursor.fetchall()}
+        return DeadOwnerWork(tasks, claims, ended_lengths)
+
+    async def earliest_later_start(self, claim: Claim) -> int | None:
+        with _translated("read", self.url):
+            cursor = await self._read().execute(
+                "SELECT min(start) AS start FROM bgtasks.claims WHERE data_dir = %s"
+                " AND file = %s AND inode = %s AND claim > %s",
+                (self._here, claim.file, claim.inode, claim.number),
+            )
+            row = await cursor.fetchone()
+        return None if row is None or row["start"] is None else int(row["start"])
+
+    async def claim_for(self, owner: str, tasks: Sequence[TaskRecord]) -> Claim:
+        async with self._transaction() as conn:
+            # The dead owner's tasks lose their old claim: recovery claims them anew.
+            await conn.execute(
+                "UPDATE bgtasks.tasks SET claim = NULL WHERE pk = ANY(%s::bigint[]) AND owner = %s",
+                ([task.pk for task in tasks], owner),
+            )
+            return await self._claimed(await self._claim(conn, owner, tasks), owner, tasks)
+
+    async def adopt(self, tasks: Sequence[TaskRecord], dead: str, owner: str) -> list[TaskRecord]:
+        by_key = {task.pk: task for task in tasks}
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE bgtasks.tasks SET owner = %s, status = 'queued', started_at = NULL"
+                f" WHERE pk = ANY(%s::bigint[]) AND owner = %s AND status IN ({_UNFINISHED})"
+                " AND claim IS NULL RETURNING pk",
+                (owner, list(by_key), dead),
+            )
+            moved = [by_key[row[0]] for row in await cursor.fetchall()]
+        for task in moved:
+            task.status, task.started_at, task.adopted = TaskStatus.QUEUED, None, True
+        return sorted(moved, key=lambda task: task.pk or 0)
+
+    async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
+        async with self._transaction() as conn:
+            if tasks:
+                rows = [(t.pk, t.status.value, t.finished_at, t.error) for t in tasks]
+                await conn.execute(
+                    "UPDATE bgtasks.tasks AS t SET status = u.status, finished_at = u.finished,"
+                    " error = u.error FROM unnest(%s::bigint[], %s::text[], %s::float8[],"
+                    " %s::text[]) AS u(pk, status, finished, error) WHERE t.pk = u.pk",
+                    _columns(rows, 4),
+                )
+            await conn.execute(
+                "UPDATE bgtasks.claims SET ended = true WHERE owner = %s AND data_dir = %s"
+                " AND NOT ended",
+                (owner, self._here),
+            )
+            cursor = await conn.execute(
+                f"SELECT 1 FROM bgtasks.tasks WHERE owner = %s AND status IN ({_UNFINISHED})"
+                " LIMIT 1",
+                (owner,),
+            )
+            if await cursor.fetchone() is None:  # nothing of it is left anywhere
+                await conn.execute("DELETE FROM bgtasks.owners WHERE owner = %s", (owner,))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_request(self, request_id: str) -> dict[str, Any] | None:
+        with _translated("read", self.url):
+            return await queries.get_request(self._read(), request_id)
+
+    async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
+        with _translated("read", self.url):
+            return await queries.list_tasks(self._read(), status, limit)
+
+    async def count_unfinished(self) -> int:
+        with _translated("read", self.url):
+            return await queries.count_unfinished(self._read())
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _read(self) -> AsyncConnection[Any]:
+        if self._reader is None or self._reader.broken:
+            raise StoreBusy("the task registry's read connection is down")
+        return self._reader
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
+        with _translated("recovery", self.url):
+            async with self._writing:
+                conn = await self._connected()
+                async with conn.transaction():
+                    yield conn
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as columns, one list per column (what `unnest` takes)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _request_columns(requests: Sequence[RequestRecord]) -> list[list[Any]]:
+    return _columns([(r.id, r.method, r.path, r.received_at, r.status_code) for r in requests], 5)
+
+
+@contextmanager
+def _translated(what: str, url: str) -> Iterator[None]:
+    """psycopg's errors as the registry's: a lost connection, a deadlock or a serialization
+    failure may pass (StoreBusy); anything else means the store cannot be used."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.errors.TransactionRollback) as exc:
+        raise StoreBusy(f"task registry unavailable ({what}): {_one_line(exc)}") from exc
+    except psycopg.Error as exc:
+        raise StoreFault(f"task registry unusable ({what}): {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _task_from_row(row: dict[str, Any]) -> TaskRecord:
+    return TaskRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        seq=row["seq"],
+        file=row["file"],
+        line=row["line"],
+        queued_at=row["queued_at"],
+        status=TaskStatus(row["status"]),
+        started_at=row["started_at"],
+        data=row["line"].encode(),
+        pk=row["pk"],
+    )
