@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
+import multiprocessing
 import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -46,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recovered = registry.open()
         if recovered:
             logger.warning("finished %d tasks left unfinished by a stopped server", len(recovered))
-        restore = _log_pending_on_signal(runner)
+        forced = asyncio.Event()
+        restore = _watch_stop_signals(runner, forced)
         # Everything built so far lives as long as the app: keep it out of every collection,
         # and collect the young generation less often (each sleeping task keeps objects alive,
         # and under load collections cost ~12% of the CPU with the default threshold of 700).
@@ -60,9 +65,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             yield
+        except asyncio.CancelledError:
+            # The server left without a lifespan shutdown: uvicorn skips it on a second Ctrl-C
+            # that comes before it, and the loop's teardown cancels this task instead. Stop
+            # without waiting and end normally: re-raised, it is logged as a failed shutdown.
+            forced.set()
         finally:
+            await runner.drain(settings.drain_timeout, forced)
             restore()
-            await runner.drain(settings.drain_timeout)
             if runner.pending:
                 runner.log_pending(
                     "stopped before these finished; they stay in the registry"
@@ -79,18 +89,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _log_pending_on_signal(runner: TaskRunner) -> Callable[[], None]:
-    """Chain onto the server's SIGINT/SIGTERM handlers to log which tasks shutdown waits for."""
-    import asyncio
-    import threading
+def _watch_stop_signals(runner: TaskRunner, forced: asyncio.Event) -> Callable[[], None]:
+    """Chain onto the server's SIGINT/SIGTERM handlers: log which tasks shutdown waits for,
+    and on a second signal (of either kind) set `forced`, which ends the drain at once.
 
+    In a worker of `--workers N` (or `--reload`), uvicorn's supervisor passes every stop on to
+    it as one SIGTERM of its own, on top of the SIGINT a terminal's Ctrl-C sends the whole
+    process group: that first SIGTERM is not the user's second signal, so it does not count.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {}
+    relayed = multiprocessing.parent_process() is not None
+    received: list[int] = []
+
+    def on_signal(sig: int, counted: int) -> None:
+        name = signal.Signals(sig).name
+        if forced.is_set():
+            logger.warning("%s received: already stopping without waiting", name)
+        elif counted < 2:
+            runner.log_pending(f"{name} received")
+        else:
+            forced.set()
+            logger.warning(
+                "%s received again: stopping now, without waiting for %d background tasks",
+                name,
+                len(runner.pending),
+            )
 
     def handler(sig: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(runner.log_pending, f"{signal.Signals(sig).name} received")
+        received.append(sig)
+        counted = len(received) - (1 if relayed and signal.SIGTERM in received else 0)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to stop
+            loop.call_soon_threadsafe(on_signal, sig, counted)
         chained = previous.get(sig)
         if callable(chained):
             chained(sig, frame)
