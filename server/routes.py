@@ -171,6 +171,12 @@ def _raw_segments(scope: Scope) -> list[bytes] | None:
     root = scope.get("root_path", "").encode()
     if root and raw.startswith(root) and raw[len(root) : len(root) + 1] in (b"/", b""):
         raw = raw[len(root) :]
+    # Starlette's redirect_slashes asks every route again with a slash added to or taken off
+    # the decoded path only: do the same to the raw one, so `POST …/a@example.com/` still
+    # redirects.
+    slash = raw.endswith(b"/") or raw[-3:].upper() == b"%2F"
+    if scope["path"].endswith("/") != slash:
+        raw = raw.rstrip(b"/") if slash else raw + b"/"
     return raw.split(b"/")
 
 

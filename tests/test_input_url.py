@@ -241,3 +241,23 @@ def test_openapi_documents_the_address_and_its_encoding(
     assert "%2F" in email["description"]
     (q,) = [p for p in operation["parameters"] if p["in"] == "query"]
     assert "UTF-8" in q["description"] and "at most once" in q["description"]
+
+
+def test_a_trailing_slash_still_redirects_as_starlette_does(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    live = start_server()
+    parts = urlsplit(live.url)
+    for target, location in [
+        ("/send-notification/a@example.com/?q=x", "/send-notification/a@example.com?q=x"),
+        ("/background_tasks/?framework=Vue", "/background_tasks?framework=Vue"),
+    ]:
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+        try:
+            conn.request("POST", target, headers={"Content-Length": "0"})
+            response = conn.getresponse()
+            assert response.status == 307
+            assert response.getheader("location") == f"{live.url}{location}"
+        finally:
+            conn.close()
+    assert live.read("log.txt") == b"" and live.read("README.md") == b""
