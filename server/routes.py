@@ -102,9 +102,13 @@ class SeedRoute(APIRoute):
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
-        self._template = self.path_format.split("/")
-        if any("{" in part and not _is_param(part) for part in self._template):
+        parts = self.path_format.split("/")
+        if any("{" in part and not _is_param(part) for part in parts):
             raise ValueError(f"{path}: a path parameter must be a whole segment")
+        # Each segment: the name of its parameter, or None and the literal text.
+        self._template = [
+            (part[1:-1], b"") if _is_param(part) else (None, part.encode()) for part in parts
+        ]
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         segments = _raw_segments(scope)
@@ -114,14 +118,13 @@ class SeedRoute(APIRoute):
             return Match.NONE, {}
         params: dict[str, Any] = {}
         errors: list[dict[str, Any]] = []
-        for part, raw in zip(self._template, segments, strict=True):
-            if not _is_param(part):
-                if raw != part.encode() and _decoded(raw) != part:
+        for (name, literal), raw in zip(self._template, segments, strict=True):
+            if name is None:
+                if raw != literal and _decoded(raw) != literal.decode():
                     return Match.NONE, {}
                 continue
             if not raw:
                 return Match.NONE, {}
-            name = part[1:-1]
             try:
                 params[name] = decode_component(raw)
             except UndecodableError as exc:

@@ -42,6 +42,8 @@ def decode_component(raw: bytes, *, form: bool = False) -> str:
     UndecodableError naming the rule."""
     if form:
         raw = raw.replace(b"+", b" ")
+    if b"%" not in raw and raw.isascii():
+        return raw.decode("ascii")  # nothing to decode: the common case, kept cheap
     stray = _BAD_ESCAPE.search(raw)
     if stray:
         raise UndecodableError(
