@@ -112,11 +112,15 @@ def _watch_stop_signals(runner: TaskRunner, forced: asyncio.Event) -> Callable[[
             runner.log_pending(f"{name} received")
         else:
             forced.set()
-            logger.warning(
-                "%s received again: stopping now, without waiting for %d background tasks",
-                name,
-                len(runner.pending),
-            )
+            # Said now: a worker whose lifespan uvicorn skips dies of the SIGTERM it re-raises
+            # before the lifespan's own last word.
+            reason = f"{name} received again: stopping now"
+            if runner.pending:
+                reason += (
+                    ", without waiting for them; they stay in the registry"
+                    " and are finished at the next start"
+                )
+            runner.log_pending(reason)
 
     def handler(sig: int, frame: FrameType | None) -> None:
         received.append(sig)

@@ -6,6 +6,7 @@ All against real `bgtasks serve` processes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 from collections.abc import Callable
@@ -56,6 +57,15 @@ def start_workers(start: Callable[..., ServerProcess], delay: float) -> ServerPr
     return server
 
 
+def relayed(server: ServerProcess) -> bool:
+    """uvicorn's supervisor has passed the stop on, and a worker with tasks has handled that
+    SIGTERM. (A worker that got no request may be gone by then, or get it as it leaves.)"""
+    log = server.log()
+    return "Waiting for child process" in log and bool(
+        re.search(r"SIGTERM received: \d+ background tasks pending", log)
+    )
+
+
 def finish_at_next_start(
     start: Callable[..., ServerProcess], data_dir: Path, lines: list[bytes], unfinished: int
 ) -> None:
@@ -101,11 +111,12 @@ def test_a_second_signal_ends_the_drain_and_the_next_start_finishes_the_tasks(
     # Waiting would take 10 s (two tasks of 5 s, one after the other).
     assert server.proc.wait(timeout=4) == returncode
     log = server.log()
-    assert f"{second.name} received again: stopping now, without waiting for 2" in log
+    (forced,) = [line for line in log.splitlines() if f"{second.name} received again" in line]
     (left,) = [line for line in log.splitlines() if LEFT in line]
-    assert "2 background tasks pending" in left
-    assert "'found query: hi\\n' -> log.txt" in left
-    assert "'message to a@example.com\\n' -> log.txt" in left
+    for line in (forced, left):
+        assert "finished at the next start: 2 background tasks pending" in line
+        assert "'found query: hi\\n' -> log.txt" in line
+        assert "'message to a@example.com\\n' -> log.txt" in line
     assert "Traceback" not in log
     lines = [b"found query: hi\n", b"message to a@example.com\n"]
     finish_at_next_start(server_process, server.data_dir, lines, 2)
@@ -142,8 +153,9 @@ def test_with_workers_one_ctrl_c_still_waits_for_every_task(
     os.killpg(server.proc.pid, INT)  # a terminal's Ctrl-C goes to the whole process group
     assert server.proc.wait(timeout=60) == BY_INT
     log = server.log()
-    # Each worker also got the supervisor's SIGTERM, and still waited.
-    assert log.count("SIGTERM received") == 2
+    # A worker with tasks to wait for also got the supervisor's SIGTERM, and still waited.
+    # (A worker that got no request may be gone before the supervisor passes the stop on.)
+    assert log.count("SIGTERM received") >= 1
     assert "received again" not in log
     written = sorted((server.data_dir / "log.txt").read_bytes().splitlines())
     assert written == sorted(f"message to w{i}@example.com".encode() for i in range(20))
@@ -157,12 +169,18 @@ def test_with_workers_a_second_ctrl_c_ends_every_drain(
     paths = [f"/send-notification/w{i}@example.com" for i in range(20)]
     assert post_concurrently(server.url, paths) == [200] * 20
     os.killpg(server.proc.pid, INT)
-    wait_until(lambda: server.log().count("SIGTERM received") == 2)  # both relays arrived
+    wait_until(lambda: relayed(server))
     os.killpg(server.proc.pid, INT)
     assert server.proc.wait(timeout=15) == BY_INT
     log = server.log()
-    assert log.count("SIGINT received again: stopping now") == 2
-    assert log.count(LEFT) >= 1  # a worker that had no task has nothing to leave
+    # Each worker names what it leaves. (If the second Ctrl-C came before its lifespan's
+    # shutdown, uvicorn skips that and the worker dies of the re-raised SIGTERM: the log's
+    # last word is then this line, and the registry is left as by a kill -9.)
+    forced = [line for line in log.splitlines() if "SIGINT received again: stopping now" in line]
+    assert 1 <= len(forced) <= 2
+    for line in forced:  # (a worker that got no request has nothing to leave)
+        assert "finished at the next start" in line or "no background tasks pending" in line
+    assert all(any(f"'message to w{i}@example.com\\n'" in f for f in forced) for i in range(20))
     assert "Traceback" not in log
     lines = [f"message to w{i}@example.com\n".encode() for i in range(20)]
     finish_at_next_start(server_process, server.data_dir, lines, 20)
