@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import multiprocessing
 import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -48,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if adopted:
             logger.warning("running %d tasks left unfinished by a stopped server", len(adopted))
             runner.adopt(adopted)
-        restore = _log_pending_on_signal(runner)
+        forced = asyncio.Event()
+        restore = _watch_stop_signals(runner, forced)
         logger.info(
             "bgtasks %s serving data dir %s (delay %ss)",
             __version__,
@@ -57,9 +62,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         try:
             yield
+        except asyncio.CancelledError:
+            # The server left without a lifespan shutdown: uvicorn skips it on a second Ctrl-C
+            # that comes before it, and the loop's teardown cancels this task instead. Stop
+            # without waiting and end normally: re-raised, it is logged as a failed shutdown.
+            forced.set()
         finally:
+            await runner.drain(settings.drain_timeout, forced)
             restore()
-            await runner.drain(settings.drain_timeout)
             if runner.unfinished:
                 runner.log_unfinished(
                     "stopped before these finished; they stay in the registry"
@@ -95,18 +105,44 @@ def make_store(settings: Settings) -> Store:
     return PostgresStore(settings.database_url, settings.data_dir, retention=settings.retention)
 
 
-def _log_pending_on_signal(runner: TaskRunner) -> Callable[[], None]:
-    """Chain onto the server's SIGINT/SIGTERM handlers to log which tasks shutdown waits for."""
-    import asyncio
-    import threading
+def _watch_stop_signals(runner: TaskRunner, forced: asyncio.Event) -> Callable[[], None]:
+    """Chain onto the server's SIGINT/SIGTERM handlers: log which tasks shutdown waits for,
+    and on a second signal (of either kind) set `forced`, which ends the drain at once.
 
+    In a worker of `--workers N` (or `--reload`), uvicorn's supervisor passes every stop on to
+    it as one SIGTERM of its own, on top of the SIGINT a terminal's Ctrl-C sends the whole
+    process group: that first SIGTERM is not the user's second signal, so it does not count.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {}
+    relayed = multiprocessing.parent_process() is not None
+    received: list[int] = []
+
+    def on_signal(sig: int, counted: int) -> None:
+        name = signal.Signals(sig).name
+        if forced.is_set():
+            logger.warning("%s received: already stopping without waiting", name)
+        elif counted < 2:
+            runner.log_unfinished(f"{name} received")
+        else:
+            forced.set()
+            # Said now: a worker whose lifespan uvicorn skips dies of the SIGTERM it re-raises
+            # before the lifespan's own last word.
+            reason = f"{name} received again: stopping now"
+            if runner.unfinished:
+                reason += (
+                    ", without waiting for them; they stay in the registry"
+                    " and are finished at the next start"
+                )
+            runner.log_unfinished(reason)
 
     def handler(sig: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(runner.log_unfinished, f"{signal.Signals(sig).name} received")
+        received.append(sig)
+        counted = len(received) - (1 if relayed and signal.SIGTERM in received else 0)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to stop
+            loop.call_soon_threadsafe(on_signal, sig, counted)
         chained = previous.get(sig)
         if callable(chained):
             chained(sig, frame)

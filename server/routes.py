@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from server import __version__, lines
 from server.middleware import RUNNER_KEY, SCOPE_KEY
@@ -15,7 +22,7 @@ from server.records import RequestRecord
 from server.registry import Registry, RegistryError
 from server.runner import TaskRunner
 from server.status import TaskStatus
-from server.validation import Email, Text
+from server.validation import Email, Text, UndecodableError, decode_component, error, query_errors
 
 NOTIFICATION_SENT = "Message sent"
 README_QUEUED = "任务已在后台运行"
@@ -86,16 +93,126 @@ class TaskQueue:
         self._runner.new_task(self._record, file, line)
 
 
+PATH_ERRORS_KEY = "bgtasks.path_errors"
+
+
+class SeedRoute(APIRoute):
+    """A seed endpoint's route: it reads its path and query parameters from the raw URL.
+
+    Starlette routes on the percent-decoded path, so `%2F` in an address becomes a separator
+    (a 404) and undecodable bytes become U+FFFD; of a repeated query parameter it keeps the
+    last. This route splits the raw path at its own slashes, decodes each segment strictly
+    (`decode_component`), and refuses what would be changed with a 422 naming the parameter
+    and the rule, before the endpoint or its dependencies run: nothing is queued.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        parts = self.path_format.split("/")
+        if any("{" in part and not _is_param(part) for part in parts):
+            raise ValueError(f"{path}: a path parameter must be a whole segment")
+        # Each segment: the name of its parameter, or None and the literal text.
+        self._template = [
+            (part[1:-1], b"") if _is_param(part) else (None, part.encode()) for part in parts
+        ]
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        segments = _raw_segments(scope)
+        if segments is None:
+            return super().matches(scope)
+        if len(segments) != len(self._template):
+            return Match.NONE, {}
+        params: dict[str, Any] = {}
+        errors: list[dict[str, Any]] = []
+        for (name, literal), raw in zip(self._template, segments, strict=True):
+            if name is None:
+                if raw != literal and _decoded(raw) != literal.decode():
+                    return Match.NONE, {}
+                continue
+            if not raw:
+                return Match.NONE, {}
+            try:
+                params[name] = decode_component(raw)
+            except UndecodableError as exc:
+                params[name] = sent = raw.decode("latin-1")
+                errors.append(error(("path", name), exc.type, str(exc), sent))
+        child: Scope = {
+            "endpoint": self.endpoint,
+            "path_params": {**scope.get("path_params", {}), **params},
+            "route": self,
+            PATH_ERRORS_KEY: errors,
+        }
+        if self.methods and scope["method"] not in self.methods:
+            return Match.PARTIAL, child
+        return Match.FULL, child
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+        names = _query_names(self.dependant)
+
+        async def strict(request: Request) -> Response:
+            scope = request.scope
+            errors = [*scope.get(PATH_ERRORS_KEY, ()), *query_errors(scope["query_string"], names)]
+            if errors:
+                raise RequestValidationError(errors)
+            return await handle(request)
+
+        return strict
+
+
+def _is_param(part: str) -> bool:
+    return part.startswith("{") and part.endswith("}") and part.count("{") == 1
+
+
+def _decoded(raw: bytes) -> str | None:
+    try:
+        return decode_component(raw)
+    except UndecodableError:
+        return None
+
+
+def _raw_segments(scope: Scope) -> list[bytes] | None:
+    """The path as the client sent it, below the app's root path, split at its slashes; None
+    when the server gives no raw path (it is optional in ASGI)."""
+    raw: bytes | None = scope.get("raw_path") if scope["type"] == "http" else None
+    if raw is None:
+        return None
+    root = scope.get("root_path", "").encode()
+    if root and raw.startswith(root) and raw[len(root) : len(root) + 1] in (b"/", b""):
+        raw = raw[len(root) :]
+    # Starlette's redirect_slashes asks every route again with a slash added to or taken off
+    # the decoded path only: do the same to the raw one, so `POST …/a@example.com/` still
+    # redirects.
+    slash = raw.endswith(b"/") or raw[-3:].upper() == b"%2F"
+    if scope["path"].endswith("/") != slash:
+        raw = raw.rstrip(b"/") if slash else raw + b"/"
+    return raw.split(b"/")
+
+
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters of an endpoint and of every dependency it has."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
 async def get_registry(request: Request) -> Registry:
     registry: Registry = request.app.state.registry
     return registry
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
-QText = Annotated[
-    Text | None,
-    Query(description="1–500 characters, no control characters.", examples=["hello"]),
-]
+TEXT_RULES = (
+    "1–500 characters, no control characters; percent-encoded UTF-8 (`+` is a space), "
+    "given at most once."
+)
+EMAIL_RULES = (
+    "An email address, written to log.txt exactly as sent: no surrounding whitespace, no "
+    "display name. Percent-encode what a path segment cannot hold as is (`/` as `%2F`, `?` as "
+    "`%3F`, `#` as `%23`, `%` as `%25`); the decoded address must be valid UTF-8."
+)
+QText = Annotated[Text | None, Query(description=TEXT_RULES, examples=["hello"])]
 
 REFUSED: dict[int | str, dict[str, Any]] = {
     503: {
@@ -128,7 +245,9 @@ async def continue_write_readme(
 
 
 async def send_notification(
-    email: Annotated[Email, Path(examples=["user@example.com"])],
+    email: Annotated[
+        Email, Path(description=EMAIL_RULES, examples=["user@example.com", "a/b@example.com"])
+    ],
     request: Request,
     background_tasks: BackgroundTasks,
     q: Annotated[str | None, Depends(get_query)],
@@ -139,9 +258,7 @@ async def send_notification(
 
 
 async def run_bg_task(
-    framework: Annotated[
-        Text, Query(description="1–500 characters, no control characters.", examples=["FastAPI"])
-    ],
+    framework: Annotated[Text, Query(description=TEXT_RULES, examples=["FastAPI"])],
     request: Request,
     background_tasks: BackgroundTasks,
 ) -> Any:
@@ -210,13 +327,14 @@ def add_routes(app: FastAPI) -> set[str]:
         ("/dependency/background_tasks", dependency_run_bg_task),
     )
     for path, endpoint in seed:
-        app.add_api_route(
+        app.router.add_api_route(
             path,
             endpoint,
             methods=["POST"],
             response_model=Message,
             responses=REFUSED,
             tags=["seed"],
+            route_class_override=SeedRoute,
         )
     app.add_api_route(
         "/requests/{request_id}",

@@ -88,22 +88,31 @@ class TaskRunner:
         for index in range(len(tasks) if not self.delay else 1):
             self._admit((tasks, index))
 
-    async def drain(self, timeout: float | None) -> None:
-        """Wait for every accepted task to end; after `timeout` seconds stop waiting. Tasks
-        still asleep or waiting for a slot stay unfinished in the registry, for the next start
-        to recover."""
+    async def drain(self, timeout: float | None, stop: asyncio.Event | None = None) -> None:
+        """Wait for every accepted task to end; stop waiting after `timeout` seconds, or as soon
+        as `stop` is set (a second Ctrl-C). Tasks still asleep or waiting for a slot stay
+        unfinished in the registry, for the next start to recover."""
         if not self._started:
             return
-        self.log_unfinished("shutting down, waiting for them")
+        if stop is None or not stop.is_set():
+            self.log_unfinished("shutting down, waiting for them")
         await self.registry.flush()  # now, rather than at the next turn of the loop
+        waits = [asyncio.ensure_future(self._all_ended.wait())]
+        if stop is not None:
+            waits.append(asyncio.ensure_future(stop.wait()))
         try:
-            await asyncio.wait_for(self._all_ended.wait(), timeout)
-        except TimeoutError:
-            self._stopped = True
-            for timer in self._timers.values():
-                timer.cancel()
-            self._timers.clear()
-            self._waiting.clear()
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not self._started:
+            return
+        self._stopped = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._waiting.clear()
+        await self.registry.flush()  # lines already handed over are written; their tasks end
 
     def _admit(self, step: _Step) -> None:
         if self._waiting or self._running >= self.max_running:
