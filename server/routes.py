@@ -49,6 +49,8 @@ class TaskOut(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    owner: str | None = Field(None, description="The server process that runs it (its id).")
+    host: str | None = Field(None, description="The machine that process runs on.")
 
 
 class RequestOut(BaseModel):

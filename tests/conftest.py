@@ -13,6 +13,7 @@ import pytest
 
 from server.config import Settings
 from tests.helpers import LiveServer, ServerProcess, serve_in_thread, spawn_server
+from tests.postgres import fresh_database
 
 
 @pytest.fixture(autouse=True)
@@ -21,19 +22,38 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     inherited server settings, so nothing touches the user's real ~/.local/state/bgtasks."""
     state_dir = tmp_path / "state"
     monkeypatch.setenv("BGTASKS_STATE_DIR", str(state_dir))
-    for name in ("BGTASKS_URL", "BGTASKS_DATA_DIR", "BGTASKS_DELAY", "FORCE_COLOR"):
+    for name in (
+        "BGTASKS_URL",
+        "BGTASKS_DATA_DIR",
+        "BGTASKS_DELAY",
+        "BGTASKS_DATABASE_URL",
+        "FORCE_COLOR",
+    ):
         monkeypatch.delenv(name, raising=False)
     return state_dir
 
 
+@pytest.fixture(params=["sqlite"])
+def store(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The registry's database URL for the test's servers: None for SQLite (the default), or
+    a fresh PostgreSQL database. A module runs its tests on both stores with
+    `pytestmark = pytest.mark.parametrize("store", STORES, indirect=True)`."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_database() as url:
+        yield url
+
+
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+def start_server(tmp_path: Path, store: str | None) -> Iterator[Callable[..., LiveServer]]:
     """Start in-thread servers with the given settings; all are stopped after the test."""
     stack: list[Any] = []
 
     def start(**overrides: Any) -> LiveServer:
         overrides.setdefault("data_dir", tmp_path / "data")
         overrides.setdefault("delay", 0.0)
+        overrides.setdefault("database_url", store)
         cm = serve_in_thread(Settings(**overrides))
         live = cm.__enter__()
         stack.append(cm)
@@ -45,12 +65,14 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
 
 
 @pytest.fixture
-def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+def server_process(tmp_path: Path, store: str | None) -> Iterator[Callable[..., ServerProcess]]:
     """Start `bgtasks serve` subprocesses; any still running after the test are killed."""
     started: list[ServerProcess] = []
 
     def start(**kwargs: Any) -> ServerProcess:
         kwargs.setdefault("data_dir", tmp_path / "data")
+        if store is not None:
+            kwargs["env"] = {"BGTASKS_DATABASE_URL": store, **kwargs.get("env", {})}
         data_dir = kwargs.pop("data_dir")
         proc = spawn_server(data_dir, **kwargs)
         started.append(proc)

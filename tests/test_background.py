@@ -15,6 +15,10 @@ from server.records import TaskRecord
 from server.registry import Ended
 from tests.helpers import LiveServer, wait_until
 from tests.loadgen import post_concurrently
+from tests.postgres import STORES
+
+# The seed's contract holds on either store.
+pytestmark = pytest.mark.parametrize("store", STORES, indirect=True)
 
 
 def request_of(live: LiveServer, request_id: str) -> dict[str, Any]:

@@ -10,6 +10,10 @@ import pytest
 
 from server.lines import INTRO
 from tests.helpers import LiveServer, wait_until
+from tests.postgres import STORES
+
+# The seed's contract holds on either store.
+pytestmark = pytest.mark.parametrize("store", STORES, indirect=True)
 
 
 def finished(live: LiveServer, request_id: str, count: int) -> bool:

@@ -9,8 +9,10 @@ from psycopg import AsyncConnection
 from server.status import UNFINISHED, TaskStatus
 
 TASK_COLUMNS = (
-    "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, error, owner"
+    "t.id, t.request_id, t.seq, t.file, t.line, t.status, t.queued_at, t.started_at,"
+    " t.finished_at, t.error, t.owner, o.host"
 )
+TASKS = "bgtasks.tasks t LEFT JOIN bgtasks.owners o ON o.owner = t.owner"
 REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
 
@@ -25,7 +27,7 @@ async def get_request(
     if found is None:
         return None
     cursor = await conn.execute(
-        f"SELECT {TASK_COLUMNS} FROM bgtasks.tasks WHERE request_id = %s ORDER BY seq, pk",
+        f"SELECT {TASK_COLUMNS} FROM {TASKS} WHERE t.request_id = %s ORDER BY t.seq, t.pk",
         (request_id,),
     )
     return {**found, "tasks": await cursor.fetchall()}
@@ -36,7 +38,7 @@ async def list_tasks(
 ) -> list[dict[str, Any]]:
     if status is None:
         cursor = await conn.execute(
-            f"SELECT {TASK_COLUMNS} FROM bgtasks.tasks ORDER BY pk DESC LIMIT %s", (limit,)
+            f"SELECT {TASK_COLUMNS} FROM {TASKS} ORDER BY t.pk DESC LIMIT %s", (limit,)
         )
     else:
         cursor = await conn.execute(

@@ -106,9 +106,11 @@ def lock_key(owner: str) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-async def connect(url: str, **kwargs: Any) -> AsyncConnection[Any]:
-    """A connection with the session settings every registry connection needs."""
-    conninfo = psycopg.conninfo.make_conninfo(url, **psycopg.conninfo.conninfo_to_dict(SESSION))
+async def connect(url: str, name: str, **kwargs: Any) -> AsyncConnection[Any]:
+    """A connection with the session settings every registry connection needs; `name` is
+    what `pg_stat_activity.application_name` shows of it."""
+    settings = psycopg.conninfo.conninfo_to_dict(SESSION)
+    conninfo = psycopg.conninfo.make_conninfo(url, application_name=name, **settings)
     conn: AsyncConnection[Any] = await AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
     # Every int as a bigint, so a statement's parameter types (and its prepared plan) stay the
     # same as keys grow; lists as binary arrays (the text form quotes each element in Python).
@@ -153,7 +155,7 @@ class PostgresStore:
                 (owner, socket.gethostname(), os.getpid(), self._here, time.time()),
             )
             self._registered = True
-            self._reader = await connect(self.url, row_factory=dict_row)
+            self._reader = await connect(self.url, f"bgtasks {owner} reads", row_factory=dict_row)
 
     async def close(self) -> None:
         with _translated("close", self.url):
@@ -173,7 +175,7 @@ class PostgresStore:
         it if it is not yet held."""
         if self._conn is None or self._conn.broken or self._conn.closed:
             self._lock_held = False
-            self._conn = await connect(self.url)
+            self._conn = await connect(self.url, f"bgtasks {self.owner} commits")
         if self.owner and not self._lock_held:
             # After a cut the old session may hold it until the server notices: try again at
             # each commit (meanwhile the claim statement keeps every line safe).

@@ -7,7 +7,9 @@ from typing import Any
 
 from server.status import UNFINISHED, TaskStatus
 
-TASK_COLUMNS = "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, error"
+TASK_COLUMNS = (
+    "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, error, owner"
+)
 REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
 

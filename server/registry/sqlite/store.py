@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,6 +59,7 @@ class SqliteStore:
         self._checkpointer = Checkpointer(self._path, timeout=wait)
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._host = socket.gethostname()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -326,11 +328,18 @@ class SqliteStore:
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         with self._translated():
-            return queries.get_request(self._read(), request_id)
+            found = queries.get_request(self._read(), request_id)
+        if found is not None:
+            for task in found["tasks"]:
+                task["host"] = self._host
+        return found
 
     async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
         with self._translated():
-            return queries.list_tasks(self._read(), status, limit)
+            tasks = queries.list_tasks(self._read(), status, limit)
+        for task in tasks:
+            task["host"] = self._host  # every owner of this registry runs on this machine
+        return tasks
 
     async def count_unfinished(self) -> int:
         with self._translated():

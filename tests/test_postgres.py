@@ -1,0 +1,198 @@
+"""The PostgreSQL store: several processes, on several data directories, share one database;
+liveness is the database's, a dead owner's unclaimed work is adopted while the others serve,
+and a process cut off from the database never writes a task it no longer owns."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from server.records import RequestRecord, TaskRecord
+from server.registry import Registry, StoreBusy
+from server.registry.postgres import PostgresStore
+from tests.helpers import ServerProcess, spawn_server, wait_until
+from tests.postgres import fresh_database
+from tests.registry_helpers import append
+
+LINE = re.compile(rb"found query: r(\d+)\n|message to r(\d+)@example\.com\n")
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+def pg_registry(url: str, data_dir: Path, owner: str) -> Registry:
+    store = PostgresStore(url, data_dir, retention=10_000)
+    return Registry(data_dir, owner=owner, store=store, lock_timeout=5.0)
+
+
+def one_task(request_id: str, line: str) -> RequestRecord:
+    request = RequestRecord(request_id, "POST", "/x", time.time())
+    request.tasks.append(
+        TaskRecord(
+            f"{request_id}-1", request_id, 0, "log.txt", line, time.time(), data=line.encode()
+        )
+    )
+    return request
+
+
+def rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def test_a_claim_drops_a_task_another_owner_adopted(database: str, tmp_path: Path) -> None:
+    """Rule 13 on PostgreSQL: owner a's task is adopted by b while a still runs (as after a
+    partition); a's claim of it takes nothing, so a does not write it, and b does."""
+    request = one_task("r1", "message to a@example.com\n")
+    ends: list[BaseException | None] = []
+
+    async def run() -> None:
+        a = pg_registry(database, tmp_path / "a", "0000000a")
+        b = pg_registry(database, tmp_path / "b", "0000000b")
+        await a.open()
+        await b.open()
+        await a.commit_intents(request)
+        moved = await b.store.adopt(request.tasks, "0000000a", "0000000b")
+        assert [task.id for task in moved] == ["r1-1"]
+        a.submit(request.tasks[0], ends.append)  # a's copy of the task wakes and tries
+        await a.flush()
+        b.submit(moved[0], ends.append)
+        await b.flush()
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+    assert [type(end).__name__ for end in ends] == ["TaskTakenOver", "NoneType"]
+    assert not (tmp_path / "a" / "log.txt").read_bytes()
+    assert (tmp_path / "b" / "log.txt").read_bytes() == b"message to a@example.com\n"
+    assert rows(database, "SELECT owner, status FROM bgtasks.tasks") == [("0000000b", "recovered")]
+
+
+def test_the_database_says_who_is_alive(database: str, tmp_path: Path) -> None:
+    async def run() -> tuple[bool, bool, int]:
+        a = pg_registry(database, tmp_path / "a", "0000000a")
+        b = pg_registry(database, tmp_path / "b", "0000000b")
+        await a.open()
+        await b.open()
+        both = await a.store.live_owners()
+        await b.close()
+        alive = await a.store.is_alive("0000000a"), await a.store.is_alive("0000000b")
+        await a.close()
+        return *alive, both
+
+    assert asyncio.run(run()) == (True, False, 2)
+
+
+def test_one_owner_id_cannot_be_alive_twice(database: str, tmp_path: Path) -> None:
+    async def run() -> None:
+        first = pg_registry(database, tmp_path / "a", "0000000a")
+        await first.open()
+        try:
+            with pytest.raises(Exception, match="already has owner id 0000000a"):
+                await pg_registry(database, tmp_path / "b", "0000000a").open()
+        finally:
+            await first.close()
+
+    asyncio.run(run())
+
+
+def test_a_lost_connection_is_made_again_and_the_owner_lock_taken_again(
+    database: str, tmp_path: Path
+) -> None:
+    async def run() -> bool:
+        a = pg_registry(database, tmp_path / "a", "0000000a")
+        await a.open()
+        rows(
+            database,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'bgtasks 0000000a commits'",
+        )
+        request = one_task("r1", "x\n")
+        with pytest.raises(StoreBusy):  # the commit that finds the connection gone fails ...
+            await a.store.commit(type(a._commits.next.changes)(intents=[request]), [])
+        await a.commit_intents(request)  # ... and the next one connects again
+        await append(a, request.tasks[0])
+        alive = await a.store.is_alive("0000000a")
+        await a.close()
+        return alive
+
+    assert asyncio.run(run()) is True
+    assert (tmp_path / "a" / "log.txt").read_bytes() == b"x\n"
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def serve(data_dir: Path, url: str, *, delay: float, args: tuple[str, ...] = ()) -> ServerProcess:
+    return spawn_server(data_dir, delay=delay, args=args, env={"BGTASKS_DATABASE_URL": url})
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait(timeout=10)
+
+
+def a_log(data_dir: Path) -> bytes:
+    path = data_dir / "log.txt"
+    return path.read_bytes() if path.exists() else b""
+
+
+def owner_of(server: ServerProcess, request_id: str) -> str:
+    body = httpx.get(f"{server.url}/requests/{request_id}").json()
+    return str(body["tasks"][0]["id"].split("-")[0])
+
+
+def test_a_process_cut_off_from_the_database_does_not_write_what_another_adopted(
+    database: str, tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """Terminate process a's commit session while its tasks sleep their delay: its lock goes
+    with it, so b adopts a's tasks and writes them; a, waking, finds them gone at its claim."""
+    a = serve(tmp_path / "a", database, delay=3.0)
+    servers.append(a)
+    b = serve(tmp_path / "b", database, delay=0.0)
+    servers.append(b)
+    ids = [
+        httpx.post(f"{a.url}/send-notification/r{n}@example.com", params={"q": f"r{n}"}).headers[
+            "x-request-id"
+        ]
+        for n in range(5)
+    ]
+    owner = owner_of(a, ids[0])
+    # Once a has recorded that its first tasks sleep, it has nothing to say to the database
+    # until they wake: its commit session is idle when it is cut.
+    asleep = "SELECT count(*) FROM bgtasks.tasks WHERE status = 'running' AND started_at > 0"
+    wait_until(lambda: rows(database, asleep) == [(5,)])
+    terminated = rows(
+        database,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        f"bgtasks {owner} commits",
+    )
+    assert terminated == [(True,)]
+    # b looks for dead owners every second; a's tasks sleep 3 s.
+    wait_until(lambda: a_log(tmp_path / "b").count(b"\n") == 10, timeout=8)
+    # a's tasks wake, one request's after another's, and find them gone at their claims.
+    wait_until(lambda: a.log().count("was adopted by another process") == 10, timeout=15)
+    assert a_log(tmp_path / "a") == b""
+    lines = a_log(tmp_path / "b").splitlines(keepends=True)
+    assert sorted(lines) == sorted(
+        [f"found query: r{n}\n".encode() for n in range(5)]
+        + [f"message to r{n}@example.com\n".encode() for n in range(5)]
+    )
+    statuses = rows(database, "SELECT DISTINCT status FROM bgtasks.tasks")
+    assert statuses == [("recovered",)]
