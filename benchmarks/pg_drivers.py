@@ -2,8 +2,8 @@
 
 Run from the repository root, with both drivers in the venv (they are not project dependencies):
 
-    .venv/bin/pip install 'psycopg[binary]' asyncpg
-    .venv/bin/python benchmarks/pg_drivers.py            # full run: 3 repeats, about 12 minutes
+    .venv/bin/pip install 'psycopg[binary]' asyncpg asyncpg-stubs  # the stubs: for mypy only
+    .venv/bin/python benchmarks/pg_drivers.py            # full run: 5 repeats, about 15 minutes
     .venv/bin/python benchmarks/pg_drivers.py --quick    # small counts, about a minute
 
 It creates its own database, `bgtasks_bench_<random hex>`, on the PostgreSQL server at
@@ -1200,7 +1200,7 @@ class Plan:
     variants: tuple[type[Variant], ...]
 
 
-FULL = Plan(3, 300, 4.0, 200, SIZES, VARIANTS)
+FULL = Plan(5, 300, 4.0, 200, SIZES, VARIANTS)
 QUICK = Plan(1, 40, 1.0, 20, SIZES, VARIANTS)
 
 
@@ -1231,11 +1231,13 @@ async def run_plan(bench: Bench, plan: Plan) -> dict[str, Any]:
         for v in plan.variants
     }
     samples: list[Sample] = []
+    busiest = 0.0
     for repeat in range(plan.repeats):
         for size in plan.sizes:
             for variant in rotated(plan.variants, repeat):
                 sample = await bench.measure(variant, size, repeat, plan.batches, plan.seconds)
                 samples.append(sample)
+                busiest = max(busiest, os.getloadavg()[0])
                 progress(
                     f"repeat {repeat + 1}/{plan.repeats}, batch {size:>2}, {label(variant):<26}"
                     f" {sample.requests_per_s:>8.0f} req/s  {sample.median_ms:6.2f} ms"
@@ -1246,6 +1248,8 @@ async def run_plan(bench: Bench, plan: Plan) -> dict[str, Any]:
     out["results"] = summarize(samples, out["round_trips"])
     out["liveness_us"] = await measure_liveness(bench, plan.liveness_times, plan.repeats)
     out["environment"]["other_sessions_at_end"] = await other_sessions(bench.admin)
+    # Other programs on this machine share its cores with the client and the server.
+    out["environment"]["highest_load_average_1min"] = round(busiest, 2)
     return out
 
 
@@ -1289,6 +1293,7 @@ async def environment(admin: PgConn) -> dict[str, Any]:
         "event_loop": type(asyncio.get_running_loop()).__module__,
         "postgresql": settings,
         "other_sessions_at_start": await other_sessions(admin),
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -1435,6 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the Markdown tables and write the JSON results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="small counts, about a minute")
+    parser.add_argument("--repeats", type=int, help="turns of every measurement (default 5)")
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     parser.add_argument("--port", type=int, default=5432)
     parser.add_argument("--user", default="postgres")
@@ -1450,6 +1456,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--host must be a loopback address: the load stays on this machine")
     server = Server(args.host, args.port, args.user)
     plan = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error("--repeats must be at least 1")
+        plan = dataclasses.replace(plan, repeats=args.repeats)
     try:
         with database(server) as dbname, asyncio.Runner(loop_factory=loop_factory(args.loop)) as r:
             out = r.run(run(server, dbname, plan))
