@@ -187,6 +187,16 @@ MARK_SENT = numbered(MARK_SENT_PART, SENT_ARGS)
 MARK_DONE = numbered(MARK_DONE_PART, DONE_ARGS)
 END_CLAIMS = numbered(END_CLAIMS_PART, ENDED_ARGS)
 MOVE_TASKS = numbered(MOVE_TASKS_PART, ("owner",))
+# The same changes as three statements, one per commit the issue names (A, B, C); within each
+# one the CTEs change different tables, and each statement sees the ones before it.
+INTENTS = numbered(
+    f"WITH new_requests AS ({INSERT_REQUESTS_PART})\n{INSERT_TASKS_PART}",
+    ("owner", *REQUEST_ARGS, *TASK_ARGS),
+)
+ENDS = numbered(
+    f"WITH sent AS ({MARK_SENT_PART}), done AS ({MARK_DONE_PART})\n{END_CLAIMS_PART}",
+    (*SENT_ARGS, *DONE_ARGS, *ENDED_ARGS),
+)
 SINGLE_ARGS = ("owner", *REQUEST_ARGS, *TASK_ARGS, *CLAIM_ARGS, *SENT_ARGS, *DONE_ARGS, "ended")
 SINGLE = numbered(
     f"""WITH new_requests AS ({INSERT_REQUESTS_PART}
@@ -340,6 +350,28 @@ def claim_args(claim: Claim | None) -> tuple[Any, ...]:
     if claim is None:
         return [], None, None, None, None
     return claim.keys, claim.data_dir, claim.file, claim.inode, claim.start
+
+
+def intents_args(batch: Batch) -> tuple[Any, ...]:
+    """The arguments of INTENTS."""
+    return (
+        ME,
+        *columns(request_rows(batch.intents), len(REQUEST_ARGS)),
+        *columns(task_rows(batch.intents, None), len(TASK_ARGS)),
+    )
+
+
+def ends_args(ends: Ends) -> tuple[Any, ...]:
+    """The arguments of ENDS."""
+    return (
+        *columns(ends.sent, len(SENT_ARGS)),
+        *columns(ends.done, len(DONE_ARGS)),
+        ends.claims,
+    )
+
+
+def has_ends(ends: Ends) -> bool:
+    return bool(ends.sent or ends.done or ends.claims)
 
 
 def single_args(batch: Batch) -> tuple[Any, ...]:
@@ -517,6 +549,26 @@ class PsycopgUnnest(PsycopgVariant):
         return outcome(batch, pks, await _psycopg_claim(claimed, batch))
 
 
+class PsycopgParts(PsycopgVariant):
+    name = "A, B, C statements"
+    how = (
+        "one pipeline, one Sync (an implicit transaction): three statements, the intents,"
+        " the fence and claim, the ends (each a few CTEs over different tables)"
+    )
+
+    async def commit(self, batch: Batch) -> Outcome:
+        conn, tasks, claimed = self.conn, self.conn.cursor(), self.conn.cursor()
+        async with conn.pipeline():
+            if batch.intents:
+                await tasks.execute(INTENTS, intents_args(batch))
+            if batch.claim:
+                await claimed.execute(FENCE_AND_CLAIM, (ME, *claim_args(batch.claim)))
+            if has_ends(batch.ends):
+                await conn.execute(ENDS, ends_args(batch.ends))
+        pks = keys_of(await tasks.fetchall()) if batch.intents else {}
+        return outcome(batch, pks, await _psycopg_claim(claimed, batch))
+
+
 class PsycopgUnnestTransaction(PsycopgVariant):
     name = "unnest, transaction()"
     how = (
@@ -678,6 +730,23 @@ class AsyncpgUnnest(AsyncpgVariant):
         return outcome(batch, pks, _asyncpg_claim(claim))
 
 
+class AsyncpgParts(AsyncpgVariant):
+    name = "A, B, C statements"
+    how = "BEGIN; the intents; the fence and claim; the ends; COMMIT: a round trip each"
+
+    async def commit(self, batch: Batch) -> Outcome:
+        conn, claim = self.conn, None
+        pks: dict[str, int] = {}
+        async with conn.transaction():
+            if batch.intents:
+                pks = keys_of(await conn.fetch(INTENTS, *intents_args(batch)))
+            if batch.claim:
+                claim = await conn.fetchrow(FENCE_AND_CLAIM, ME, *claim_args(batch.claim))
+            if has_ends(batch.ends):
+                await conn.execute(ENDS, *ends_args(batch.ends))
+        return outcome(batch, pks, _asyncpg_claim(claim))
+
+
 class AsyncpgCopy(AsyncpgVariant):
     name = "copy"
     how = (
@@ -717,10 +786,12 @@ VARIANTS: tuple[type[Variant], ...] = (
     PsycopgExecutemany,
     PsycopgUnnest,
     PsycopgUnnestTransaction,
+    PsycopgParts,
     PsycopgCopy,
     PsycopgSingle,
     AsyncpgExecutemany,
     AsyncpgUnnest,
+    AsyncpgParts,
     AsyncpgCopy,
     AsyncpgSingle,
 )
