@@ -3,7 +3,7 @@
 Run from the repository root, with both drivers in the venv (they are not project dependencies):
 
     .venv/bin/pip install 'psycopg[binary]' asyncpg asyncpg-stubs  # the stubs: for mypy only
-    .venv/bin/python benchmarks/pg_drivers.py            # full run: 5 repeats, about 15 minutes
+    .venv/bin/python benchmarks/pg_drivers.py            # full run: 5 repeats, about 10 minutes
     .venv/bin/python benchmarks/pg_drivers.py --quick    # small counts, about a minute
 
 It creates its own database, `bgtasks_bench_<random hex>`, on the PostgreSQL server at
@@ -19,9 +19,11 @@ the claim ended). Batch k carries, in one transaction, the A-part of group k of 
 B-part of group k-1 and the C-part of group k-2; each group has 1, 4, 16 or 64 requests. One
 connection is driven as a loop: a batch starts when the previous commit returned.
 
-Each driver does one batch in several ways (`VARIANTS`; `HOW` says what each sends); the table
-gives each way's batches and requests per second, median and p99 batch latency, client CPU time
-per request, and the round trips of one batch as counted by a relay (`FlightCounter`).
+Each driver does one batch in several ways (`VARIANTS`, each class's `how` says what it sends),
+all with the same SQL; the table gives each way's batches and requests per second, median and
+p99 batch latency, client CPU time per request, and the round trips of one batch as counted by a
+relay (`FlightCounter`). Each measurement starts from a registry holding its default retention
+of finished requests, analyzed (see PREFILL for why).
 Measurements are bounded in batches and seconds, run in turns (every way of every driver, then
 again, in a rotated order) and reported as medians over the repeats.
 
@@ -33,8 +35,9 @@ telling whether another owner is alive, by trying its lock from another session 
 Nothing is trusted blindly: before measuring, each way must pass a fence check (a task another
 owner took and one already claimed are left out of a claim); after each measurement the
 database must hold exactly what the client was told (every key, every claim, every end); each
-way's handling of a failing statement inside a batch is probed (a duplicate request id) and
-must leave nothing of that batch behind and the connection usable. A failed check stops the run.
+way's handling of a failing statement inside a batch is probed (the first statement, then a
+later one) and must leave nothing of that batch behind and the connection usable. A failed
+check stops the run. Results: docs/pg-drivers.md.
 """
 
 from __future__ import annotations
