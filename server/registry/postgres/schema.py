@@ -75,6 +75,7 @@ in (its `.bgtasks/id`)."""
 
 async def create_or_migrate(conn: AsyncConnection[Any]) -> None:
     """Create the tables, or refuse a registry of another version, in one transaction."""
+    created = False
     async with conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(%s::int, %s::int)", (NAMESPACE, _MIGRATION_LOCK)
@@ -88,8 +89,12 @@ async def create_or_migrate(conn: AsyncConnection[Any]) -> None:
             await conn.execute(
                 "INSERT INTO bgtasks.meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
             )
+            created = True
         elif int(str(row[0])) != SCHEMA_VERSION:
             raise StoreFault(
                 f"the registry has schema version {row[0]}, this bgtasks {SCHEMA_VERSION}:"
                 " run the bgtasks that matches it"
             )
+    if created:  # statistics for the planner from the start (autovacuum keeps them after)
+        for table in ("requests", "tasks", "claims"):
+            await conn.execute(f"ANALYZE bgtasks.{table}")

@@ -37,11 +37,13 @@ from server.status import UNFINISHED, TaskStatus
 PRUNE_EVERY = 500
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
 # A host that loses its network sends nothing: its sessions end, and its lock is freed, only
-# once TCP keepalives fail. These make that about 11 s on both sides, not two hours.
+# once TCP keepalives fail. These make that about 11 s on both sides, not two hours. A plan
+# made for tables while they were small would stay cached for the connection's whole life
+# (scanning whole tables as they grow): every execution is planned for the tables as they are.
 SESSION = (
     "keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3"
     " options='-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
-    " -c tcp_keepalives_count=3 -c synchronous_commit=on'"
+    " -c tcp_keepalives_count=3 -c synchronous_commit=on -c plan_cache_mode=force_custom_plan'"
 )
 
 INSERT_REQUESTS = (
@@ -445,16 +447,29 @@ def _request_columns(requests: Sequence[RequestRecord]) -> list[list[Any]]:
     return _columns([(r.id, r.method, r.path, r.received_at, r.status_code) for r in requests], 5)
 
 
+# What says the database cannot hold the registry as it is: read-only, not allowed, damaged,
+# or its tables gone. Anything else may pass (a lost connection, a deadlock, a full disk) or is
+# one statement's trouble, not the store's: the commit is retried, then its work refused.
+_FAULTS = (
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.DataCorrupted,
+    psycopg.errors.IndexCorrupted,
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.InvalidCatalogName,
+)
+
+
 @contextmanager
 def _translated(what: str, url: str) -> Iterator[None]:
-    """psycopg's errors as the registry's: a lost connection, a deadlock or a serialization
-    failure may pass (StoreBusy); anything else means the store cannot be used."""
+    """psycopg's errors as the registry's: StoreFault when the database cannot hold the
+    registry, StoreBusy for anything that may pass."""
     try:
         yield
-    except (psycopg.OperationalError, psycopg.errors.TransactionRollback) as exc:
-        raise StoreBusy(f"task registry unavailable ({what}): {_one_line(exc)}") from exc
-    except psycopg.Error as exc:
+    except _FAULTS as exc:
         raise StoreFault(f"task registry unusable ({what}): {_one_line(exc)}") from exc
+    except psycopg.Error as exc:
+        raise StoreBusy(f"task registry unavailable ({what}): {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:
