@@ -197,7 +197,7 @@ def _tries(task: Mapping[str, Any], floor: float | None) -> list[_Try]:
     last_start = _later(failures[-1].get("started_at"), None) if failures else None
     own_start = _later(task.get("started_at"), None)
     new_try = own_start is not None and (last_start is None or own_start > last_start)
-    error = str(task.get("error")) if status == "failed" and task.get("error") else None
+    error = str(task.get("last_error")) if status == "failed" and task.get("last_error") else None
     if new_try and started is not None:
         mark = MARKS.get(status) if finished is not None else "…"
         tries.append(_Try(previous, started, finished, mark, error))

@@ -77,8 +77,8 @@ def task_line(task: dict[str, Any], since: float) -> Text:
         (f"{after:>12}", "dim"),
         f"  {task['line']!r} → {task['file']}",
     )
-    if task.get("error"):
-        text.append(f"\n           {task['error']}", style="red")
+    if task.get("last_error"):
+        text.append(f"\n           {task['last_error']}", style="red")
     return text
 
 
@@ -116,7 +116,7 @@ def _moments(outcome: Outcome) -> list[_Moment]:
         if task.get("finished_at"):
             failed = task["status"] == TaskStatus.FAILED
             label = f"task {n} FAILED" if failed else f"task {n} wrote"
-            detail = str(task.get("error")) if failed else what
+            detail = str(task.get("last_error")) if failed else what
             ran.append(_Moment(task["finished_at"], label, detail, after=[last]))
     moments += queued
     answered = got
@@ -205,7 +205,7 @@ def verdict(outcome: Outcome) -> Text:
     unfinished = [t for t in tasks if t["status"] not in ENDED]
     if failed:
         return Text(
-            f"✗ {len(failed)} of {len(tasks)} tasks failed: {failed[0].get('error')}",
+            f"✗ {len(failed)} of {len(tasks)} tasks failed: {failed[0].get('last_error')}",
             style="bold red",
         )
     if outcome.timed_out:
@@ -271,8 +271,8 @@ RIGHT_ALIGNED = frozenset({"waited", "ran"})
 def _task_cells(task: dict[str, Any]) -> dict[str, str | Text]:
     queued, started, finished = task["queued_at"], task.get("started_at"), task.get("finished_at")
     writes = f"{task['line']!r} → {task['file']}"
-    if task.get("error"):
-        writes += f"\n{task['error']}"
+    if task.get("last_error"):
+        writes += f"\n{task['last_error']}"
     return {
         "task": task["id"],
         "request": short_id(task["request_id"]),

@@ -299,7 +299,7 @@ class Tailer:
                 (since,),
             ).fetchall()
             tasks = self._db.execute(
-                "SELECT id, request_id, file, line, status, started_at, finished_at, error"
+                "SELECT id, request_id, file, line, status, started_at, finished_at, last_error"
                 " FROM tasks WHERE started_at >= ?1 OR finished_at >= ?1",
                 (since,),
             ).fetchall()
@@ -329,7 +329,7 @@ class Tailer:
                 t["request_id"],
                 t["id"],
             )
-            error = f" ({t['error']})" if t["error"] else ""
+            error = f" ({t['last_error']})" if t["last_error"] else ""
             text = f"task {t['id']} {t['status']}: {what}{error}"
             add("finished", t["finished_at"], text, t["request_id"], t["id"])
         # Rows older than the look-back window are never queried again, so forget them.

@@ -19,7 +19,9 @@ from fastapi import FastAPI
 from server import __version__
 from server.config import Settings
 from server.middleware import RegistryMiddleware
+from server.operators import add_operator_routes
 from server.registry import Registry, SqliteStore, Store, StoreFault
+from server.retries import RetryPolicy
 from server.routes import add_routes
 from server.runner import TaskRunner
 
@@ -42,7 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store=store,
         lock_timeout=settings.lock_timeout,
     )
-    runner = TaskRunner(registry, delay=settings.delay, max_running=settings.max_running)
+    retries = RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max)
+    runner = TaskRunner(
+        registry, delay=settings.delay, max_running=settings.max_running, retries=retries
+    )
     registry.on_adopted = runner.adopt
 
     @asynccontextmanager
@@ -83,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runner = runner
     # The requests worth recording: the seed's endpoints (others may add theirs).
     app.state.recorded_paths = add_routes(app)
+    add_operator_routes(app)
     app.add_middleware(
         RegistryMiddleware, registry=registry, runner=runner, recorded=app.state.recorded_paths
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.paths import default_data_dir
@@ -52,12 +52,45 @@ class Settings(BaseSettings):
     max_running: int = Field(
         10_000, ge=1, le=1_000_000, description="Tasks allowed to run at once; more wait."
     )
+    max_attempts: int = Field(
+        5, ge=1, le=100, description="Attempts a task gets before it is failed for good."
+    )
+    retry_base: float = Field(
+        0.5,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Seconds: the longest wait before a second attempt; it doubles with each"
+        " attempt after (a random wait up to that, the 'full jitter' backoff).",
+    )
+    retry_max: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="Seconds: the longest wait between two attempts, however many failed.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="A bearer token that lets requests from other machines retry and cancel"
+        " tasks (from this machine, loopback needs none).",
+    )
     database_url: str | None = Field(
         None,
         pattern=r"^postgres(ql)?://",
         description="A PostgreSQL database (postgresql://USER@HOST:PORT/DB) to keep the registry"
         " in, shared by processes on many machines; by default, SQLite in the data directory.",
     )
+
+    @model_validator(mode="after")
+    def _retry_max_covers_base(self) -> Settings:
+        if self.retry_max < self.retry_base:
+            raise ValueError(
+                f"{ENV_PREFIX}RETRY_MAX ({self.retry_max:g} s) is shorter than"
+                f" {ENV_PREFIX}RETRY_BASE ({self.retry_base:g} s)"
+            )
+        return self
 
 
 class SettingsError(ValueError):
@@ -77,6 +110,7 @@ def describe_error(exc: ValidationError) -> str:
     """One line for the first error pydantic found: `BGTASKS_DELAY: Input should be ... (got
     'nan')`."""
     first = exc.errors()[0]
-    name = ".".join(str(part) for part in first["loc"]) or "settings"
-    variable = f"{ENV_PREFIX}{name.upper()}"
-    return f"{variable}: {first['msg']} (got {first.get('input')!r})"
+    if not first["loc"]:  # a rule between settings: its message names them
+        return str(first["msg"]).removeprefix("Value error, ")
+    name = ".".join(str(part) for part in first["loc"])
+    return f"{ENV_PREFIX}{name.upper()}: {first['msg']} (got {first.get('input')!r})"

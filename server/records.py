@@ -28,7 +28,10 @@ class TaskRecord:
     status: TaskStatus = TaskStatus.QUEUED
     started_at: float | None = None
     finished_at: float | None = None
-    error: str | None = None
+    last_error: str | None = None
+    # How many attempts have started, and when the next one is due while it is retrying.
+    attempts: int = 0
+    next_attempt_at: float | None = None
     data: bytes = b""
     # The registry's row key, given when the intent is committed.
     pk: int | None = None

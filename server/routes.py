@@ -4,79 +4,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
 from server import __version__, lines
 from server.middleware import RUNNER_KEY, SCOPE_KEY
+from server.models import NOTIFICATION_SENT, Detail, Health, Message, RequestOut, TaskOut
 from server.records import RequestRecord
 from server.registry import Registry, RegistryError
 from server.runner import TaskRunner
 from server.status import TaskStatus
 from server.validation import Email, Text, UndecodableError, decode_component, error, query_errors
 
-NOTIFICATION_SENT = "Message sent"
 README_QUEUED = "任务已在后台运行"
 README_UPDATED = "README.md更新成功"
 NO_QUERY = "q was not given: nothing was queued and README.md is unchanged"
-
-
-class Message(BaseModel):
-    message: str = Field(examples=[NOTIFICATION_SENT])
-
-
-class Detail(BaseModel):
-    detail: str
-
-
-class TaskOut(BaseModel):
-    id: str = Field(examples=["3f2a9c1b-7"])
-    request_id: str
-    seq: int = Field(description="Position among the request's tasks; they run in this order.")
-    file: str = Field(examples=["log.txt"])
-    line: str = Field(examples=["message to user@example.com\n"])
-    status: TaskStatus
-    queued_at: float = Field(description="Unix time, seconds.")
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: str | None = None
-    owner: str | None = Field(None, description="The server process that runs it (its id).")
-    host: str | None = Field(None, description="The machine that process runs on.")
-
-
-class RequestOut(BaseModel):
-    id: str
-    method: str | None = None
-    path: str | None = None
-    received_at: float | None = None
-    response_sent_at: float | None = Field(
-        None, description="When the response's last byte was handed to the server."
-    )
-    status_code: int | None = None
-    tasks: list[TaskOut]
-
-
-class Health(BaseModel):
-    status: Literal["ok", "unavailable"] = "ok"
-    version: str = Field(examples=[__version__])
-    store: str = Field(examples=["sqlite"], description="Where the registry is kept.")
-    data_dir: str
-    delay: float
-    unfinished_tasks: int | None = Field(None, description="None while the registry is unusable.")
-    owners: int | None = Field(
-        None, description="Server processes alive on this registry (None while it is unusable)."
-    )
-    pid: int
-    error: str | None = Field(None, description="Why the registry is unusable, if it is.")
 
 
 class TaskQueue:
@@ -88,7 +38,7 @@ class TaskQueue:
         self._record: RequestRecord = scope[SCOPE_KEY]
         self._runner: TaskRunner = scope[RUNNER_KEY]
 
-    def append_line(self, target: tuple[str, str]) -> None:
+    def queue_line(self, target: tuple[str, str]) -> None:
         file, line = target
         if not self._record.tasks:
             self._background.add_task(self._runner.start, self._record)
@@ -233,7 +183,7 @@ async def get_query(
 ) -> str | None:
     """The seed's dependency: queue `found query: {q}` before the endpoint's own task."""
     if q:
-        TaskQueue(request, background_tasks).append_line(lines.found_query(q))
+        TaskQueue(request, background_tasks).queue_line(lines.found_query(q))
     return q
 
 
@@ -242,7 +192,7 @@ async def continue_write_readme(
 ) -> str | None:
     """The seed's dependency: queue the intro paragraph when q is given."""
     if q:
-        TaskQueue(request, background_tasks).append_line(lines.intro_paragraph())
+        TaskQueue(request, background_tasks).queue_line(lines.intro_paragraph())
     return q
 
 
@@ -255,7 +205,7 @@ async def send_notification(
     q: Annotated[str | None, Depends(get_query)],
 ) -> Any:
     """Queue `message to {email}` (after `found query: {q}` when q is given) for log.txt."""
-    TaskQueue(request, background_tasks).append_line(lines.message_to(email))
+    TaskQueue(request, background_tasks).queue_line(lines.message_to(email))
     return {"message": NOTIFICATION_SENT}
 
 
@@ -265,7 +215,7 @@ async def run_bg_task(
     background_tasks: BackgroundTasks,
 ) -> Any:
     """Queue `\\n## {framework} 框架精讲` for README.md."""
-    TaskQueue(request, background_tasks).append_line(lines.framework_heading(framework))
+    TaskQueue(request, background_tasks).queue_line(lines.framework_heading(framework))
     return {"message": README_QUEUED}
 
 

@@ -381,7 +381,7 @@ def test_recovery_never_writes_through_a_symlink(tmp_path: Path) -> None:
     add_task(conn, "t1", "found query: a\n", status="queued")
     recover(data)
     assert outside.read_bytes() == b""
-    row = conn.execute("SELECT status, error FROM tasks WHERE id = 't1'").fetchone()
+    row = conn.execute("SELECT status, last_error FROM tasks WHERE id = 't1'").fetchone()
     assert row[0] == "failed" and "symbolic links" in row[1]
 
 

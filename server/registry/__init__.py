@@ -19,7 +19,7 @@ from server.registry.store import (
     Store,
     StoreBusy,
     StoreFault,
-    TaskTakenOver,
+    TaskDropped,
 )
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
     "Store",
     "StoreBusy",
     "StoreFault",
-    "TaskTakenOver",
+    "TaskDropped",
     "check_registry",
     "connect",
 ]

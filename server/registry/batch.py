@@ -22,11 +22,12 @@ from server.registry.claims import Claim, place_lines
 from server.registry.files import DataFiles, append_lines
 from server.registry.store import (
     Changes,
+    Failure,
     RegistryError,
     Store,
     StoreBusy,
     StoreFault,
-    TaskTakenOver,
+    TaskDropped,
 )
 from server.status import SUCCEEDED, TaskStatus
 
@@ -98,6 +99,12 @@ class GroupCommit:
         """Record the task's current state at the next commit (not awaited)."""
         if self.fault is None:
             self.next.changes.tasks[task.id] = task
+            self.schedule(NOTE_WINDOW_S)
+
+    def note_failure(self, failure: Failure) -> None:
+        """Record a failed attempt in its task's history at the next commit (not awaited)."""
+        if self.fault is None:
+            self.next.changes.failures.append(failure)
             self.schedule(NOTE_WINDOW_S)
 
     def submit(self, task: TaskRecord, ended: Ended) -> None:
@@ -211,7 +218,8 @@ class GroupCommit:
             for future in batch.waiters:
                 _settle(future, None)
             for (_, fd, submissions), claim in zip(locked, claims, strict=True):
-                self.next.changes.ended_claims.append(claim.number)  # rule 5, at the next commit
+                if claim.keys:  # else every one of its tasks was dropped: no claim was made
+                    self.next.changes.ended_claims.append(claim.number)  # rule 5, next commit
                 _write(fd, claim, submissions)
         finally:
             for name, _, _ in locked:
@@ -269,6 +277,7 @@ class GroupCommit:
         for key, task in batch.changes.tasks.items():
             changes.tasks.setdefault(key, task)
         changes.ended_claims.extend(batch.changes.ended_claims)
+        changes.failures.extend(batch.changes.failures)
 
 
 def _write(fd: int, claim: Claim, submissions: list[Submission]) -> None:
@@ -279,8 +288,10 @@ def _write(fd: int, claim: Claim, submissions: list[Submission]) -> None:
         kept = set(claim.keys)
         for task, ended in submissions:
             if task.pk not in kept:
-                ended(TaskTakenOver(f"task {task.id} was adopted by another process"))
+                ended(TaskDropped(f"task {task.id} was cancelled or adopted by another process"))
         submissions = [item for item in submissions if item[0].pk in kept]
+        if not submissions:
+            return
         place_lines([task for task, _ in submissions], claim.inode, claim.start)
     for task, _ in submissions:
         task.claim = claim.number

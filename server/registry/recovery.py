@@ -58,11 +58,11 @@ async def _recover_owner(store: Store, files: DataFiles, owner: str, me: str) ->
         except OSError as exc:
             for task in tasks:
                 task.status, task.finished_at = TaskStatus.FAILED, time.time()
-                task.error = f"recovery failed: {type(exc).__name__}: {exc}"
+                task.last_error = f"recovery failed: {type(exc).__name__}: {exc}"
                 finished.append(task)
     await store.end_recovery(owner, finished)
     for task in finished:
-        outcome = task.status if task.error is None else task.error
+        outcome = task.status if task.last_error is None else task.last_error
         logger.warning("recovered task %s of a stopped server: %s", task.describe(), outcome)
     claimed_keys = {task.pk for task in claimed}
     unclaimed = [task for task in work.tasks if task.pk not in claimed_keys]
@@ -112,7 +112,7 @@ async def _resolve(
         now = time.time()
         done = [*complete, *(task for task, _ in to_write)]
         for task in done:
-            task.status, task.finished_at, task.error = TaskStatus.RECOVERED, now, None
+            task.status, task.finished_at, task.last_error = TaskStatus.RECOVERED, now, None
         return done
     finally:
         files.unlock(name)

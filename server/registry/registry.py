@@ -44,6 +44,7 @@ class Registry:
         self.commit_intents = self._commits.commit_intents
         self.note_request = self._commits.note_request
         self.note_task = self._commits.note_task
+        self.note_failure = self._commits.note_failure
         self.submit = self._commits.submit
         self.flush = self._commits.drain
 
@@ -109,9 +110,10 @@ class Registry:
 
     # -- what the event loop hands over ----------------------------------------------------
     #
-    # commit_intents(request), note_request(request), note_task(task), submit(task, ended)
-    # and flush() are the group commit's own methods (see GroupCommit): the event loop calls
-    # them for every request, where a layer of delegation would cost a frame each time.
+    # commit_intents(request), note_request(request), note_task(task), note_failure(failure),
+    # submit(task, ended) and flush() are the group commit's own methods (see GroupCommit):
+    # the event loop calls them for every request, where a layer of delegation would cost a
+    # frame each time.
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -122,6 +124,20 @@ class Registry:
     async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
         with self._watch():
             return await self.store.list_tasks(status, limit)
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        with self._watch():
+            return await self.store.get_task(task_id)
+
+    async def cancel(self, task_id: str, at: float) -> bool:
+        """Cancel the task if it is unfinished and its line not claimed (see Store.cancel)."""
+        with self._watch():
+            return await self.store.cancel(task_id, at)
+
+    async def requeue(self, task_id: str) -> TaskRecord | None:
+        """A failed task with a fresh set of attempts, this process's to run (Store.requeue)."""
+        with self._watch():
+            return await self.store.requeue(task_id, self.owner)
 
     async def count_unfinished(self) -> int:
         with self._watch():

@@ -35,9 +35,20 @@ class StoreFault(RegistryError):
     """The store cannot be used (damaged, not a registry, read-only) until it is repaired."""
 
 
-class TaskTakenOver(RegistryError):
-    """The task is no longer this owner's: another process adopted it while this one was
-    cut off from the store (rule 13). Its line is not written here."""
+class TaskDropped(RegistryError):
+    """The task is no longer this owner's to write: it was cancelled, or another process
+    adopted it while this one was cut off from the store (rule 13)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One failed attempt of a task, kept for the task's history."""
+
+    task: int  # its key
+    attempt: int
+    started_at: float | None
+    failed_at: float
+    error: str
 
 
 @dataclass(slots=True)
@@ -52,9 +63,13 @@ class Changes:
     """Tasks whose state changed: started, done, failed."""
     ended_claims: list[int] = field(default_factory=list)
     """Claims every line of which has ended (rule 5)."""
+    failures: list[Failure] = field(default_factory=list)
+    """Failed attempts, for the tasks' histories."""
 
     def __bool__(self) -> bool:
-        return bool(self.intents or self.requests or self.tasks or self.ended_claims)
+        return bool(
+            self.intents or self.requests or self.tasks or self.ended_claims or self.failures
+        )
 
 
 @dataclass(slots=True)
@@ -90,8 +105,9 @@ class Store(Protocol):
         back, rule 3) in one transaction. Gives each intent's tasks their keys (`pk`), in the
         order of the intents, and renames an intent whose client-chosen id an accepted request
         already has. Returns the claims made, in the order given; a claim lists only the tasks
-        this owner still owns (rule 13). Raises StoreBusy or StoreFault, having committed
-        nothing."""
+        this owner still owns and that were not cancelled meanwhile (rule 13). A task's state
+        is never written over once it was cancelled. Raises StoreBusy or StoreFault, having
+        committed nothing."""
 
     async def is_alive(self, owner: str) -> bool:
         """Whether `owner`, whose owner lock in this data directory the caller holds (so it is
@@ -120,8 +136,19 @@ class Store(Protocol):
     async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
         """Record the recovered (or failed) `tasks` of dead `owner` and end its open claims."""
 
+    async def cancel(self, task_id: str, at: float) -> bool:
+        """Cancel the task if it is unfinished and its line not claimed: it ends `cancelled`
+        (at `at`) and is never written. Whether it was."""
+
+    async def requeue(self, task_id: str, owner: str) -> TaskRecord | None:
+        """Give a failed task a fresh set of attempts under `owner`, queued again; returns it
+        for `owner` to run, or None if it is not failed."""
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        """A task, as the HTTP API returns it."""
+
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
-        """A request with its tasks, as the HTTP API returns it."""
+        """A request with its tasks and their failed attempts, as the HTTP API returns it."""
 
     async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` tasks (with `status`, if given), newest first."""

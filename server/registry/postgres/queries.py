@@ -10,11 +10,17 @@ from server.status import UNFINISHED, TaskStatus
 
 TASK_COLUMNS = (
     "t.id, t.request_id, t.seq, t.file, t.line, t.status, t.queued_at, t.started_at,"
-    " t.finished_at, t.error, t.owner, o.host"
+    " t.finished_at, t.last_error, t.attempts, t.next_attempt_at, t.owner, o.host"
+)
+FAILURES = (
+    "coalesce((SELECT json_agg(json_build_object('attempt', f.attempt, 'started_at',"
+    " f.started_at, 'failed_at', f.failed_at, 'error', f.error) ORDER BY f.attempt)"
+    " FROM bgtasks.failures f WHERE f.task = t.pk), '[]') AS failures"
 )
 TASKS = "bgtasks.tasks t LEFT JOIN bgtasks.owners o ON o.owner = t.owner"
 REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
+_KEPT = ", ".join(f"'{status}'" for status in sorted(UNFINISHED | {TaskStatus.FAILED}))
 
 
 async def get_request(
@@ -27,10 +33,16 @@ async def get_request(
     if found is None:
         return None
     cursor = await conn.execute(
-        f"SELECT {TASK_COLUMNS} FROM {TASKS} WHERE t.request_id = %s ORDER BY t.seq, t.pk",
+        f"SELECT {TASK_COLUMNS}, {FAILURES} FROM {TASKS} WHERE t.request_id = %s"
+        " ORDER BY t.seq, t.pk",
         (request_id,),
     )
     return {**found, "tasks": await cursor.fetchall()}
+
+
+async def get_task(conn: AsyncConnection[dict[str, Any]], task_id: str) -> dict[str, Any] | None:
+    cursor = await conn.execute(f"SELECT {TASK_COLUMNS} FROM {TASKS} WHERE t.id = %s", (task_id,))
+    return await cursor.fetchone()
 
 
 async def list_tasks(
@@ -59,13 +71,18 @@ async def count_unfinished(conn: AsyncConnection[dict[str, Any]]) -> int:
 async def prune(conn: AsyncConnection[Any], retention: int) -> None:
     """Keep the newest `retention` requests; older ones go once all their tasks ended, and
     ended claims go up to the oldest claim still open (rule 12)."""
+    # Failed tasks are the dead letters: kept (with their requests) until retried or cancelled.
     await conn.execute(
         "WITH old AS (SELECT id FROM bgtasks.requests ORDER BY received_at DESC OFFSET %s),"
         " done AS (SELECT o.id FROM old o WHERE NOT EXISTS (SELECT 1 FROM bgtasks.tasks t"
-        f" WHERE t.request_id = o.id AND t.status IN ({_UNFINISHED}))),"
+        f" WHERE t.request_id = o.id AND t.status IN ({_KEPT}))),"
         " gone AS (DELETE FROM bgtasks.tasks WHERE request_id IN (SELECT id FROM done))"
         " DELETE FROM bgtasks.requests WHERE id IN (SELECT id FROM done)",
         (retention,),
+    )
+    await conn.execute(
+        "DELETE FROM bgtasks.failures f WHERE NOT EXISTS"
+        " (SELECT 1 FROM bgtasks.tasks t WHERE t.pk = f.task)"
     )
     await conn.execute(
         "DELETE FROM bgtasks.claims WHERE ended AND claim < coalesce((SELECT min(claim)"

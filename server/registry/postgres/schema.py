@@ -42,12 +42,22 @@ CREATE TABLE IF NOT EXISTS bgtasks.tasks (
     queued_at double precision NOT NULL,
     started_at double precision,
     finished_at double precision,
-    error text,
+    last_error text,
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision,
     claim bigint
 );
 CREATE INDEX IF NOT EXISTS tasks_by_request ON bgtasks.tasks (request_id);
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON bgtasks.tasks (owner)
-    WHERE status IN ('queued', 'running');
+    WHERE status IN ('queued', 'running', 'retrying');
+CREATE TABLE IF NOT EXISTS bgtasks.failures (
+    task bigint NOT NULL,
+    attempt integer NOT NULL,
+    started_at double precision,
+    failed_at double precision NOT NULL,
+    error text NOT NULL,
+    PRIMARY KEY (task, attempt)
+);
 CREATE SEQUENCE IF NOT EXISTS bgtasks.claim_numbers;
 CREATE TABLE IF NOT EXISTS bgtasks.claims (
     claim bigint PRIMARY KEY,
@@ -69,8 +79,9 @@ CREATE TABLE IF NOT EXISTS bgtasks.owners (
 );
 """
 """`tasks.claim` is the claim a task's line was placed in: set, with an owner check, by the
-claim statement itself (rule 13). A claim's `data_dir` names the data directory its file is
-in (its `.bgtasks/id`)."""
+claim statement itself (rule 13), and cleared when an attempt failed (nothing of its line is
+left in the file). A claim's `data_dir` names the data directory its file is in (its
+`.bgtasks/id`). `failures` holds each task's failed attempts."""
 
 
 async def create_or_migrate(conn: AsyncConnection[Any]) -> None:

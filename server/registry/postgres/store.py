@@ -88,12 +88,20 @@ CLAIM = (
     " ARRAY(SELECT k FROM unnest(%(keys)s::bigint[]) WITH ORDINALITY AS u(k, i)"
     " WHERE k IN (SELECT pk FROM owned) ORDER BY i) FROM n RETURNING claim, tasks"
 )
-# Only this owner's: a task another process adopted is no longer this one's to note.
+# Only this owner's, and never over a cancellation: a task another process adopted, or an
+# operator cancelled, is no longer this one's to note. A failed attempt leaves nothing of its
+# line in the file: its claim is let go.
 UPDATE_TASKS = (
     "UPDATE bgtasks.tasks AS t SET status = u.status, started_at = u.started, finished_at ="
-    " u.finished, error = u.error FROM unnest(%s::bigint[], %s::text[], %s::float8[],"
-    " %s::float8[], %s::text[]) AS u(pk, status, started, finished, error)"
-    " WHERE t.pk = u.pk AND t.owner = %s"
+    " u.finished, last_error = u.error, attempts = u.attempts, next_attempt_at = u.next,"
+    " claim = CASE WHEN u.status IN ('queued', 'retrying') THEN NULL ELSE t.claim END"
+    " FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::float8[], %s::text[],"
+    " %s::int[], %s::float8[]) AS u(pk, status, started, finished, error, attempts, next)"
+    " WHERE t.pk = u.pk AND t.owner = %s AND t.status <> 'cancelled'"
+)
+INSERT_FAILURES = (
+    "INSERT INTO bgtasks.failures SELECT * FROM unnest(%s::bigint[], %s::int[], %s::float8[],"
+    " %s::float8[], %s::text[]) ON CONFLICT DO NOTHING"
 )
 END_CLAIMS = "UPDATE bgtasks.claims SET ended = true WHERE claim = ANY(%s::bigint[])"
 LOCKS = (
@@ -201,10 +209,24 @@ class PostgresStore:
                     made = [await self._claim(conn, self.owner, tasks) for tasks in claims]
                     if changes.tasks:
                         rows = [
-                            (t.pk, t.status.value, t.started_at, t.finished_at, t.error)
+                            (
+                                t.pk,
+                                t.status.value,
+                                t.started_at,
+                                t.finished_at,
+                                t.last_error,
+                                t.attempts,
+                                t.next_attempt_at,
+                            )
                             for t in changes.tasks.values()
                         ]
-                        await conn.execute(UPDATE_TASKS, (*_columns(rows, 5), self.owner))
+                        await conn.execute(UPDATE_TASKS, (*_columns(rows, 7), self.owner))
+                    if changes.failures:
+                        failures = [
+                            (f.task, f.attempt, f.started_at, f.failed_at, f.error)
+                            for f in changes.failures
+                        ]
+                        await conn.execute(INSERT_FAILURES, _columns(failures, 5))
                     if changes.ended_claims:
                         await conn.execute(END_CLAIMS, (changes.ended_claims,))
                     self._since_prune += len(changes.requests)
@@ -372,24 +394,54 @@ class PostgresStore:
     async def adopt(self, tasks: Sequence[TaskRecord], dead: str, owner: str) -> list[TaskRecord]:
         by_key = {task.pk: task for task in tasks}
         async with self._transaction() as conn:
+            # A retrying task keeps its attempts and when its next one is due.
             cursor = await conn.execute(
-                "UPDATE bgtasks.tasks SET owner = %s, status = 'queued', started_at = NULL"
+                "UPDATE bgtasks.tasks SET owner = %s, started_at = NULL, status = CASE status"
+                " WHEN 'retrying' THEN 'retrying' ELSE 'queued' END"
                 f" WHERE pk = ANY(%s::bigint[]) AND owner = %s AND status IN ({_UNFINISHED})"
                 " AND claim IS NULL RETURNING pk",
                 (owner, list(by_key), dead),
             )
             moved = [by_key[row[0]] for row in await cursor.fetchall()]
         for task in moved:
-            task.status, task.started_at, task.adopted = TaskStatus.QUEUED, None, True
+            if task.status is not TaskStatus.RETRYING:
+                task.status = TaskStatus.QUEUED
+            task.started_at, task.adopted = None, True
         return sorted(moved, key=lambda task: task.pk or 0)
+
+    # -- operators ------------------------------------------------------------------------
+
+    async def cancel(self, task_id: str, at: float) -> bool:
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE bgtasks.tasks SET status = 'cancelled', finished_at = %s,"
+                f" next_attempt_at = NULL WHERE id = %s AND status IN ({_UNFINISHED})"
+                " AND claim IS NULL",
+                (at, task_id),
+            )
+            return cursor.rowcount > 0
+
+    async def requeue(self, task_id: str, owner: str) -> TaskRecord | None:
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE bgtasks.tasks SET status = 'queued', owner = %s, attempts = 0,"
+                " next_attempt_at = NULL, started_at = NULL, finished_at = NULL, claim = NULL"
+                " WHERE id = %s AND status = 'failed' RETURNING *",
+                (owner, task_id),
+            )
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        names = [column.name for column in cursor.description or ()]
+        return _task_from_row(dict(zip(names, row, strict=True)))
 
     async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
         async with self._transaction() as conn:
             if tasks:
-                rows = [(t.pk, t.status.value, t.finished_at, t.error) for t in tasks]
+                rows = [(t.pk, t.status.value, t.finished_at, t.last_error) for t in tasks]
                 await conn.execute(
                     "UPDATE bgtasks.tasks AS t SET status = u.status, finished_at = u.finished,"
-                    " error = u.error FROM unnest(%s::bigint[], %s::text[], %s::float8[],"
+                    " last_error = u.error FROM unnest(%s::bigint[], %s::text[], %s::float8[],"
                     " %s::text[]) AS u(pk, status, finished, error) WHERE t.pk = u.pk",
                     _columns(rows, 4),
                 )
@@ -407,6 +459,10 @@ class PostgresStore:
                 await conn.execute("DELETE FROM bgtasks.owners WHERE owner = %s", (owner,))
 
     # -- reads -----------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        with _translated("read", self.url):
+            return await queries.get_task(self._read(), task_id)
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         with _translated("read", self.url):
@@ -486,6 +542,9 @@ def _task_from_row(row: dict[str, Any]) -> TaskRecord:
         queued_at=row["queued_at"],
         status=TaskStatus(row["status"]),
         started_at=row["started_at"],
+        last_error=row["last_error"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
         data=row["line"].encode(),
         pk=row["pk"],
     )

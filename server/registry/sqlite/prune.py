@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from server.status import UNFINISHED
+from server.status import UNFINISHED, TaskStatus
 
-_UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
+# Failed tasks are the dead letters: kept until they are retried or cancelled.
+_KEPT = ", ".join(f"'{status}'" for status in sorted(UNFINISHED | {TaskStatus.FAILED}))
 
 
 def prune(conn: sqlite3.Connection, retention: int) -> None:
@@ -29,8 +30,11 @@ def prune(conn: sqlite3.Connection, retention: int) -> None:
         (cutoff,),
     ).fetchone()
     if span is not None:
+        conn.execute(f"DELETE FROM tasks WHERE pk <= ? AND status NOT IN ({_KEPT})", (span[0],))
         conn.execute(
-            f"DELETE FROM tasks WHERE pk <= ? AND status NOT IN ({_UNFINISHED})", (span[0],)
+            "DELETE FROM failures WHERE task <= ? AND NOT EXISTS"
+            " (SELECT 1 FROM tasks WHERE pk = failures.task)",
+            (span[0],),
         )
     conn.execute(
         "DELETE FROM requests WHERE rowid <= ? AND (last_task IS NULL OR NOT EXISTS"

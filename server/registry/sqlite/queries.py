@@ -8,7 +8,8 @@ from typing import Any
 from server.status import UNFINISHED, TaskStatus
 
 TASK_COLUMNS = (
-    "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, error, owner"
+    "id, request_id, seq, file, line, status, queued_at, started_at, finished_at, last_error,"
+    " attempts, next_attempt_at, owner"
 )
 REQUEST_COLUMNS = "id, method, path, received_at, response_sent_at, status_code"
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
@@ -23,12 +24,33 @@ def get_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | N
         return None
     result = dict(row)
     first, last = result.pop("first_task"), result.pop("last_task")
-    tasks = conn.execute(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE pk BETWEEN ? AND ? AND request_id = ? ORDER BY pk",
-        (first, last, request_id),
+    tasks = {
+        task["pk"]: {**dict(task), "failures": []}
+        for task in conn.execute(
+            f"SELECT pk, {TASK_COLUMNS} FROM tasks WHERE pk BETWEEN ? AND ? AND request_id = ?"
+            " ORDER BY pk",
+            (first, last, request_id),
+        )
+    }
+    failures = conn.execute(
+        "SELECT task, attempt, started_at, failed_at, error FROM failures"
+        " WHERE task BETWEEN ? AND ? ORDER BY task, attempt",
+        (first, last),
     )
-    result["tasks"] = [dict(task) for task in tasks]
+    for failure in failures:
+        if failure["task"] in tasks:
+            tasks[failure["task"]]["failures"].append(
+                {key: failure[key] for key in ("attempt", "started_at", "failed_at", "error")}
+            )
+    for task in tasks.values():
+        del task["pk"]
+    result["tasks"] = list(tasks.values())
     return result
+
+
+def get_task(conn: sqlite3.Connection, task_id: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return None if row is None else dict(row)
 
 
 def list_tasks(

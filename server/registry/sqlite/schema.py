@@ -15,7 +15,7 @@ from server.paths import registry_path
 from server.registry.owners import check_state_dir
 from server.registry.store import StoreFault
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     queued_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    error TEXT
+    last_error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL
 );
 CREATE TABLE IF NOT EXISTS claims (
     claim INTEGER PRIMARY KEY,
@@ -51,9 +53,18 @@ CREATE TABLE IF NOT EXISTS claims (
     tasks TEXT NOT NULL,
     ended INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS failures (
+    task INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    started_at REAL,
+    failed_at REAL NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (task, attempt)
+) WITHOUT ROWID;
 """
 """A request's tasks are the keys first_task..last_task (both given at its intent's commit).
-A claim's `tasks` is a JSON array of task keys in write order."""
+A claim's `tasks` is a JSON array of task keys in write order. `failures` holds each task's
+failed attempts (its key, the attempt's number)."""
 
 # SQLite's result codes that say the file itself is unusable, rather than busy for a moment.
 _FAULTS = frozenset(
@@ -135,8 +146,13 @@ def create_or_migrate(conn: sqlite3.Connection) -> None:
                 f"the registry has schema version {version}, newer than this bgtasks"
                 f" ({SCHEMA_VERSION}): upgrade bgtasks"
             )
-        if version < SCHEMA_VERSION:
+        if version == 0:
             _migrate_unversioned(conn)
+        if 0 < version < 6 or (version == 0 and _has(conn, "tasks", "error")):
+            # Version 6 retries: a task's attempts, when the next is due, its last error.
+            conn.execute("ALTER TABLE tasks RENAME COLUMN error TO last_error")
+            conn.execute("ALTER TABLE tasks ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE tasks ADD COLUMN next_attempt_at REAL")
         _run(conn, SCHEMA)
         # Always a write: a registry this process cannot write fails here, at start.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -145,6 +161,10 @@ def create_or_migrate(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _has(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 def _run(conn: sqlite3.Connection, script: str) -> None:
@@ -167,8 +187,10 @@ def _migrate_unversioned(conn: sqlite3.Connection) -> None:
         conn.execute("DROP INDEX IF EXISTS tasks_by_request")
         _run(conn, SCHEMA)
         conn.execute(
-            f"INSERT INTO tasks SELECT {key}, id, request_id, seq, owner, file, line, status,"
-            f" queued_at, started_at, finished_at, error FROM tasks_old ORDER BY {key}"
+            f"INSERT INTO tasks (pk, id, request_id, seq, owner, file, line, status, queued_at,"
+            f" started_at, finished_at, last_error) SELECT {key}, id, request_id, seq, owner, file,"
+            f" line, status, queued_at, started_at, finished_at, error FROM tasks_old"
+            f" ORDER BY {key}"
         )
         conn.execute(
             f"INSERT INTO claims SELECT claim, owner, file, inode, write_offset,"

@@ -104,6 +104,14 @@ class SqliteStore:
                         "UPDATE claims SET ended = 1 WHERE claim = ?",
                         [(claim,) for claim in changes.ended_claims],
                     )
+                if changes.failures:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (f.task, f.attempt, f.started_at, f.failed_at, f.error)
+                            for f in changes.failures
+                        ],
+                    )
                 self._since_prune += len(changes.requests)  # each request is noted once
                 if self._since_prune >= self._prune_every:
                     self._since_prune = 0
@@ -196,26 +204,78 @@ class SqliteStore:
     def _claim(
         conn: sqlite3.Connection, owner: str, claims: Sequence[Sequence[TaskRecord]]
     ) -> list[Claim]:
-        """Rules 2 and 3: a claims row per list of lines, numbered in the order claims are
-        made. An owner's tasks change hands only once it is dead, so every task stays in its
-        claim (rule 13)."""
-        last = conn.execute("SELECT coalesce(max(claim), 0) FROM claims").fetchone()[0]
-        made = [
-            Claim(
-                number,
-                owner,
-                tasks[0].file,
-                tasks[0].inode or 0,
-                tasks[0].offset or 0,
-                tuple(task.pk or 0 for task in tasks),
+        """Rules 2, 3 and 13: a claims row per list of lines, numbered in the order claims are
+        made, leaving out any task cancelled meanwhile (a claim left with none is not made:
+        number 0). An owner's tasks change hands only once it is dead, so no other is left
+        out."""
+        keys = [task.pk for tasks in claims for task in tasks]
+        marks = ", ".join("?" * len(keys))
+        cancelled = {
+            row[0]
+            for row in conn.execute(
+                f"SELECT pk FROM tasks WHERE pk IN ({marks}) AND status = 'cancelled'", keys
             )
-            for number, tasks in enumerate(claims, start=last + 1)
-        ]
+        }
+        made: list[Claim] = []
+        number = conn.execute("SELECT coalesce(max(claim), 0) FROM claims").fetchone()[0]
+        for tasks in claims:
+            kept = tuple(task.pk or 0 for task in tasks if task.pk not in cancelled)
+            first = tasks[0]
+            if kept:
+                number += 1
+            made.append(
+                Claim(
+                    number if kept else 0,
+                    owner,
+                    first.file,
+                    first.inode or 0,
+                    first.offset or 0,
+                    kept,
+                )
+            )
         conn.executemany(
             "INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?, 0)",
-            [(c.number, c.owner, c.file, c.inode, c.start, _json(c.keys)) for c in made],
+            [(c.number, c.owner, c.file, c.inode, c.start, _json(c.keys)) for c in made if c.keys],
         )
         return made
+
+    # -- operators ------------------------------------------------------------------------
+
+    async def cancel(self, task_id: str, at: float) -> bool:
+        conn = self._writer()
+        with self._translated():
+            await self._begin(conn)
+            try:
+                cursor = conn.execute(
+                    "UPDATE tasks SET status = 'cancelled', finished_at = ?, next_attempt_at = NULL"
+                    f" WHERE id = ? AND status IN ({_UNFINISHED}) AND pk NOT IN (SELECT j.value"
+                    " FROM claims, json_each(claims.tasks) AS j WHERE NOT claims.ended)",
+                    (at, task_id),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return cursor.rowcount > 0
+
+    async def requeue(self, task_id: str, owner: str) -> TaskRecord | None:
+        conn = self._writer()
+        with self._translated():
+            await self._begin(conn)
+            try:
+                row = conn.execute(
+                    "UPDATE tasks SET status = 'queued', owner = ?, attempts = 0,"
+                    " next_attempt_at = NULL, started_at = NULL, finished_at = NULL"
+                    " WHERE id = ? AND status = 'failed' RETURNING *",
+                    (owner, task_id),
+                ).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return None if row is None else _task_from_row(row)
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -292,8 +352,10 @@ class SqliteStore:
             await self._begin(conn)
             try:
                 for task in tasks:
+                    # A retrying task keeps its attempts and when its next one is due.
                     cursor = conn.execute(
-                        "UPDATE tasks SET owner = ?, status = 'queued', started_at = NULL"
+                        "UPDATE tasks SET owner = ?, started_at = NULL, status = CASE status"
+                        " WHEN 'retrying' THEN 'retrying' ELSE 'queued' END"
                         f" WHERE pk = ? AND owner = ? AND status IN ({_UNFINISHED})",
                         (owner, task.pk, dead),
                     )
@@ -305,7 +367,9 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
                 raise
         for task in moved:
-            task.status, task.started_at, task.adopted = TaskStatus.QUEUED, None, True
+            if task.status is not TaskStatus.RETRYING:
+                task.status = TaskStatus.QUEUED
+            task.started_at, task.adopted = None, True
         return moved
 
     async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
@@ -314,8 +378,8 @@ class SqliteStore:
             await self._begin(conn)
             try:
                 conn.executemany(
-                    "UPDATE tasks SET status = ?, finished_at = ?, error = ? WHERE pk = ?",
-                    [(t.status.value, t.finished_at, t.error, t.pk) for t in tasks],
+                    "UPDATE tasks SET status = ?, finished_at = ?, last_error = ? WHERE pk = ?",
+                    [(t.status.value, t.finished_at, t.last_error, t.pk) for t in tasks],
                 )
                 conn.execute("UPDATE claims SET ended = 1 WHERE owner = ? AND NOT ended", (owner,))
                 conn.execute("COMMIT")
@@ -325,6 +389,13 @@ class SqliteStore:
                 raise
 
     # -- reads -----------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        with self._translated():
+            found = queries.get_task(self._read(), task_id)
+        if found is not None:
+            found["host"] = self._host
+        return found
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         with self._translated():
@@ -383,29 +454,47 @@ class SqliteStore:
 
 
 def _update_tasks(conn: sqlite3.Connection, tasks: Iterable[TaskRecord]) -> None:
-    """Store each task's state. The lines of one claim end together and mostly have keys that
-    follow each other, so `done` is one statement per run of consecutive keys with the same
-    times (docs/performance.md: ~1% of a notify request's instructions)."""
-    runs: list[list[Any]] = []  # [started_at, finished_at, first key, last key]
+    """Store each task's state, never over a cancellation. The lines of one claim end together
+    and mostly have keys that follow each other, so `done` is one statement per run of
+    consecutive keys with the same times (docs/performance.md: ~1% of a notify request's
+    instructions)."""
+    runs: list[list[Any]] = []  # [started_at, finished_at, attempts, first key, last key]
     other: list[tuple[Any, ...]] = []
     for t in tasks:
         if t.status is TaskStatus.DONE and t.pk is not None:
             run = runs[-1] if runs else None
-            if run and run[3] == t.pk - 1 and run[0] == t.started_at and run[1] == t.finished_at:
-                run[3] = t.pk
+            if (
+                run
+                and run[4] == t.pk - 1
+                and run[0] == t.started_at
+                and run[1] == t.finished_at
+                and run[2] == t.attempts
+            ):
+                run[4] = t.pk
             else:
-                runs.append([t.started_at, t.finished_at, t.pk, t.pk])
+                runs.append([t.started_at, t.finished_at, t.attempts, t.pk, t.pk])
         else:
-            other.append((t.status.value, t.started_at, t.finished_at, t.error, t.pk))
+            other.append(
+                (
+                    t.status.value,
+                    t.started_at,
+                    t.finished_at,
+                    t.last_error,
+                    t.attempts,
+                    t.next_attempt_at,
+                    t.pk,
+                )
+            )
     if runs:
         conn.executemany(
-            "UPDATE tasks SET status = 'done', started_at = ?, finished_at = ?"
+            "UPDATE tasks SET status = 'done', started_at = ?, finished_at = ?, attempts = ?"
             " WHERE pk BETWEEN ? AND ?",
             runs,
         )
     if other:
         conn.executemany(
-            "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, error = ? WHERE pk = ?",
+            "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, last_error = ?,"
+            " attempts = ?, next_attempt_at = ? WHERE pk = ? AND status <> 'cancelled'",
             other,
         )
 
@@ -429,6 +518,9 @@ def _task_from_row(row: sqlite3.Row) -> TaskRecord:
         queued_at=row["queued_at"],
         status=TaskStatus(row["status"]),
         started_at=row["started_at"],
+        last_error=row["last_error"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
         data=row["line"].encode(),
         pk=row["pk"],
     )

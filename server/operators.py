@@ -1,0 +1,100 @@
+"""The routes that change the registry on an operator's word: retry a failed task, cancel an
+unfinished one. They answer only requests from this machine (loopback) or that carry the
+bearer token `BGTASKS_ADMIN_TOKEN`: anything else gets a 403."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
+
+from server.models import Detail, TaskOut
+from server.registry import Registry
+from server.runner import TaskRunner
+from server.status import ENDED
+
+TaskId = Annotated[str, Path(max_length=200, examples=["3f2a9c1b-7"])]
+
+
+def require_operator(request: Request) -> None:
+    """Loopback, or the bearer token: else a 403 that says which."""
+    client = request.client.host if request.client else ""
+    try:
+        if ipaddress.ip_address(client).is_loopback:
+            return
+    except ValueError:
+        pass  # a unix socket or a test client: not known to be this machine
+    token = request.app.state.settings.admin_token
+    given = request.headers.get("authorization", "")
+    if token is not None and hmac.compare_digest(given, f"Bearer {token.get_secret_value()}"):
+        return
+    raise HTTPException(
+        403,
+        "retrying and cancelling tasks is for requests from this machine, or with"
+        " `Authorization: Bearer <BGTASKS_ADMIN_TOKEN>`",
+    )
+
+
+Operator = Depends(require_operator)
+
+
+def _state(request: Request) -> tuple[Registry, TaskRunner]:
+    return request.app.state.registry, request.app.state.runner
+
+
+async def _found(registry: Registry, task_id: str) -> dict[str, Any]:
+    task = await registry.get_task(task_id)
+    if task is None:
+        raise HTTPException(404, f"no task {task_id!r} in the registry")
+    return task
+
+
+async def retry_task(task_id: TaskId, request: Request) -> Any:
+    """Give a failed task a fresh set of attempts: this server runs it again."""
+    registry, runner = _state(request)
+    task = await registry.requeue(task_id)
+    if task is None:
+        found = await _found(registry, task_id)
+        raise HTTPException(
+            409, f"task {task_id} is {found['status']}: only a failed task can be retried"
+        )
+    runner.adopt([task])
+    return await _found(registry, task_id)
+
+
+async def cancel_task(task_id: TaskId, request: Request) -> Any:
+    """Cancel a task that is queued, asleep in its delay or retrying: it is never written."""
+    registry, runner = _state(request)
+    if await registry.cancel(task_id, time.time()):
+        runner.forget(task_id)
+        return await _found(registry, task_id)
+    found = await _found(registry, task_id)
+    if found["status"] in ENDED:
+        reason = f"it is already {found['status']}"
+    else:
+        reason = "its line is being written at this moment"
+    raise HTTPException(409, f"task {task_id} cannot be cancelled: {reason}")
+
+
+def add_operator_routes(app: FastAPI) -> None:
+    refused: dict[int | str, dict[str, Any]] = {
+        403: {"model": Detail, "description": "Not from loopback, and no valid token."},
+        404: {"model": Detail, "description": "No such task in the registry."},
+        409: {"model": Detail, "description": "The task is not in a state that allows it."},
+    }
+    for path, endpoint in (
+        ("/tasks/{task_id}/retry", retry_task),
+        ("/tasks/{task_id}/cancel", cancel_task),
+    ):
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            response_model=TaskOut,
+            responses=refused,
+            dependencies=[Operator],
+            tags=["operators"],
+        )
