@@ -163,9 +163,12 @@ def timeline(
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Draw the timeline of any recorded request: when the server got it and sent the
-    response, and how long each task waited and ran. A task still running is drawn up to
-    now. `--table` lists its events instead; `--json` prints the server's record.
+    """Draw the timeline of any recorded request, as `notify` draws its own.
+
+    When the server got the request and sent the response, how long each task waited and
+    ran, and how it ended; a task still running is drawn up to now. `--table` lists the
+    events instead, `--json` prints the server's record. Exits 0 whatever the tasks did,
+    1 if the registry has no such request.
 
     Example: `bgtasks timeline 0197a4f2-6c1e-7b3a-9d52-3f1e8c0a4b21`
     """

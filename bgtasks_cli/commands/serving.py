@@ -150,9 +150,12 @@ def demo(
         ),
     ] = False,
 ) -> None:
-    """Start a throwaway server, notify and append to README, and show on each request's
-    timeline that the response came back before its background writes finished (`--table`:
-    the timelines as tables of events). Cleans up after itself, Ctrl-C included (exit 130).
+    """Start a throwaway server and show that each response comes back before its tasks
+    write.
+
+    Notifies and appends to README, then draws each request's timeline (`--table`: a table
+    of its events) and what `bgtasks tail` saw. `--crash` shows instead what `kill -9` does
+    to acknowledged work. Cleans up after itself, Ctrl-C included (exit 130).
 
     Example: `bgtasks demo`, or `bgtasks demo --crash`
     """
