@@ -18,6 +18,11 @@ temporary data directory), gives each a short warm-up load, and measures:
 Then once per run: 4. `bgtasks tail` vs GNU `tail -F`; 5. CLI start-up vs HTTPie.
 
 Choices worth knowing:
+- bgtasks is served as `bgtasks serve` serves it: `same_shape_app.py` builds its app with
+  serve's factory (`bgtasks_cli.served.create_served_app`: the GC frozen and its threshold
+  raised once start-up is done), under uvicorn with uvloop and httptools when installed (what
+  serve's "auto" picks). The reference and bare apps run under plain uvicorn, as the tutorial's
+  users run them.
 - Measure 2's baseline is the same endpoint shape doing no background work on the same server:
   `same_shape_app.py` serves bgtasks' app plus `/plain/{email}` (same validators, dependency,
   middleware and body, no task); the reference's baseline is its own `/plain/{email}` route.
@@ -72,6 +77,7 @@ HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 HAS_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
 FAST_IO = ["--loop", "uvloop"] * HAS_UVLOOP + ["--http", "httptools"] * HAS_HTTPTOOLS
 APPS = {
+    # bgtasks' app from the factory `bgtasks serve` runs, plus the baseline route.
     "bgtasks": ["--factory", "--app-dir", str(HERE), "same_shape_app:create_bench_app"],
     "bare": ["--app-dir", str(HERE), "bare_app:app"],
     "reference": ["--app-dir", str(HERE), "reference_app:app"],

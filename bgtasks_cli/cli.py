@@ -1,8 +1,9 @@
 """The `bgtasks` command: the app, its one error boundary and its commands.
 
 Commands live by group in `bgtasks_cli.commands` and only parse options and hand them to the
-plain modules (client, launcher, tailer, render); heavy imports happen inside the command that
-needs them, so `notify`, `readme`, `tasks` and `tail` never load fastapi or uvicorn."""
+plain modules (client, launcher, tailer, render, picture, crash_demo); heavy imports happen
+inside the command that needs them, so `notify`, `readme`, `tasks`, `tail` and `timeline` never
+load fastapi or uvicorn."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ for _command in (
     firing.readme,
     inspecting.tail,
     inspecting.tasks,
+    inspecting.timeline,
     serving.serve,
     serving.demo,
 ):

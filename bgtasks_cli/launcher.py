@@ -27,7 +27,7 @@ from server.paths import owners_dir
 if TYPE_CHECKING:
     from server.config import Settings
 
-APP_FACTORY = "server.app:create_app"
+APP_FACTORY = "bgtasks_cli.served:create_served_app"
 
 
 def is_loopback(host: str) -> bool:

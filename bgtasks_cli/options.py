@@ -55,6 +55,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (JSON lines wh
 WaitOpt = Annotated[
     bool, typer.Option("--wait/--no-wait", help="Follow the request's tasks until they end.")
 ]
+TableOpt = Annotated[
+    bool,
+    typer.Option(
+        "--table", help="Show the timeline as a table of its events instead of the picture."
+    ),
+]
 TimeoutOpt = Annotated[
     float,
     typer.Option(

@@ -231,7 +231,8 @@ def _try_words(one: _Try, status: str, alone: bool) -> list[str]:
     if one.started is None:
         if one.mark == "…":
             return ["not started yet"]
-        return [f"{status} after waiting {_ms(_or(one.ended, one.waited_from) - one.waited_from)}"]
+        waited = _ms(_or(one.ended, one.waited_from) - one.waited_from)
+        return [f"{status} after waiting {waited}", *([one.error] if one.error else [])]
     words = [f"waited {_ms(one.started - one.waited_from)}"]
     if one.ended is not None:
         ran = _ms(one.ended - one.started)

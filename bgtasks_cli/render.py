@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,23 +92,25 @@ class _Moment:
     after: list[_Moment] = field(default_factory=list)
 
 
-def _moments(outcome: Outcome) -> list[_Moment]:
+def _moments(record: Mapping[str, Any], fired: Fired | None) -> list[_Moment]:
     """Every stamped moment of one request, each with the moments it is known to follow: the
     client sends before the server gets the request, which comes before the tasks are queued
     and the response is sent, which the client gets after; a task is queued, started, then
-    ends."""
-    fired, record = outcome.fired, outcome.record
-    sent = _Moment(fired.client_sent_at, "client sent request", f"{fired.method} {fired.path}")
-    moments = [sent]
-    got = sent
+    ends. Without `fired` (a request the CLI did not send) there are no client moments."""
+    moments: list[_Moment] = []
+    got = None
+    if fired is not None:
+        got = _Moment(fired.client_sent_at, "client sent request", f"{fired.method} {fired.path}")
+        moments.append(got)
     if record.get("received_at"):
-        got = _Moment(record["received_at"], "server got request", after=[sent])
+        what = "" if fired else f"{record.get('method', '')} {record.get('path', '')}"
+        got = _Moment(record["received_at"], "server got request", what, _after(got))
         moments.append(got)
     queued: list[_Moment] = []
     ran: list[_Moment] = []
-    for task in outcome.tasks:
+    for task in record.get("tasks", []):
         n, what = task["seq"] + 1, f"{task['line']!r} → {task['file']}"
-        last = _Moment(task["queued_at"], f"task {n} queued", what, after=[got])
+        last = _Moment(task["queued_at"], f"task {n} queued", what, _after(got))
         queued.append(last)
         if task.get("started_at"):
             last = _Moment(task["started_at"], f"task {n} started", after=[last])
@@ -121,17 +123,21 @@ def _moments(outcome: Outcome) -> list[_Moment]:
     moments += queued
     answered = got
     if record.get("response_sent_at"):
-        answered = _Moment(
-            record["response_sent_at"], "server sent response", "last byte", after=[got, *queued]
-        )
+        after = [*_after(got), *queued]
+        answered = _Moment(record["response_sent_at"], "server sent response", "last byte", after)
         moments.append(answered)
     # Listed in this order, moments stamped alike show the server's response first.
     moments += ran
-    received = str(fired.status)
-    moments.append(
-        _Moment(fired.client_received_at, "client got response", received, after=[answered])
-    )
+    if fired is not None:
+        received = _Moment(
+            fired.client_received_at, "client got response", str(fired.status), _after(answered)
+        )
+        moments.append(received)
     return moments
+
+
+def _after(moment: _Moment | None) -> list[_Moment]:
+    return [] if moment is None else [moment]
 
 
 def _in_order(moments: list[_Moment]) -> list[_Moment]:
@@ -157,23 +163,26 @@ def _in_order(moments: list[_Moment]) -> list[_Moment]:
     return ordered
 
 
-def timeline(outcome: Outcome) -> Table:
-    """Every moment of one request, client and server side, in the order they happened.
+def timeline(record: Mapping[str, Any], fired: Fired | None = None) -> Table:
+    """Every moment of one request, client side too when `fired` (the CLI sent it), in the
+    order they happened; `+ms` counts from the first of them.
 
     Where a moment's stamp is earlier than that of one it must follow, it is shown at that
     one's time with a `*`, and a note gives the stamps' difference: never a negative span."""
-    fired = outcome.fired
     from rich.table import Table
 
-    table = Table(title=f"timeline of request {fired.request_id}", title_justify="left")
+    request_id = record.get("id") or (fired.request_id if fired else "?")
+    table = Table(title=f"timeline of request {request_id}", title_justify="left")
     table.add_column("time", no_wrap=True)
     table.add_column("+ms", justify="right", no_wrap=True)
     table.add_column("event", no_wrap=True)
     table.add_column("detail", overflow="fold")
+    moments = _in_order(_moments(record, fired))
+    origin = moments[0].at if moments else 0.0
     # The latest stamp among each moment's causes, and whose it is.
     floor: dict[int, _Moment] = {}
     notes: list[str] = []
-    for m in _in_order(_moments(outcome)):
+    for m in moments:
         causes = [c for before in m.after for c in (before, floor.get(id(before))) if c]
         latest = max(causes, key=lambda c: c.at, default=None)
         shown_at = m.at
@@ -190,7 +199,7 @@ def timeline(outcome: Outcome) -> Table:
         style = "red" if "FAILED" in m.event else ("green" if "wrote" in m.event else "")
         if m.event.startswith("client"):
             style = "bold"
-        plus = f"{(shown_at - fired.client_sent_at) * 1000:,.1f}{mark}"
+        plus = f"{(shown_at - origin) * 1000:,.1f}{mark}"
         table.add_row(clock(m.at), plus, Text(m.event, style=style), m.detail)
     if notes:
         table.caption = "\n".join(notes)

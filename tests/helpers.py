@@ -84,8 +84,10 @@ def spawn_server(
     delay: float = 0.0,
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    entry: tuple[str, ...] = ("-m", "bgtasks_cli"),
 ) -> ServerProcess:
-    """Start `bgtasks serve` in a subprocess on a free port and wait for /health."""
+    """Start `bgtasks serve` in a subprocess on a free port and wait for /health; `entry` is
+    how Python is told to run the CLI."""
     port = free_port()
     log_path = data_dir.parent / f"server-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +95,7 @@ def spawn_server(
     full_env = {**os.environ, "NO_COLOR": "1", "BGTASKS_STATE_DIR": str(state_dir), **(env or {})}
     cmd = [
         sys.executable,
-        "-m",
-        "bgtasks_cli",
+        *entry,
         "serve",
         "--port",
         str(port),

@@ -25,7 +25,7 @@ from server import __version__
 from tests.helpers import LiveServer, free_port
 
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
-COMMANDS = ("notify", "readme", "tail", "tasks", "serve", "demo")
+COMMANDS = ("notify", "readme", "tail", "tasks", "timeline", "serve", "demo")
 VERDICT = re.compile(r"✓ response returned ([\d,]+) ms before the last write finished")
 OUTCOME_FIELDS = {
     "ok",
@@ -109,7 +109,12 @@ def test_top_level_help_lists_every_command() -> None:
 # --- notify ----------------------------------------------------------------------------------
 
 
-def test_notify_prints_response_tasks_timeline_and_verdict(
+def picture_row(out: str, label: str) -> str:
+    """The line of the timeline picture for the row labelled `label`."""
+    return next(line for line in out.splitlines() if line.startswith(label + " "))
+
+
+def test_notify_prints_response_tasks_picture_and_verdict(
     start_server: Callable[..., LiveServer],
 ) -> None:
     live = start_server(delay=0.2)
@@ -127,6 +132,31 @@ def test_notify_prints_response_tasks_timeline_and_verdict(
     assert verdict is not None, out
     # Printed in the order things happened: response, finished tasks, timeline, verdict.
     assert response < query_line < timeline < verdict.start()
+    # The picture, not the table: a row per side and per task, a key, each task in words.
+    assert "┏" not in out and "client sent request" not in out
+    client, server = picture_row(out, "client"), picture_row(out, "server")
+    first, second = picture_row(out, "task 1"), picture_row(out, "task 2")
+    assert "├" in client and client.endswith("┤") and server.endswith("▲")
+    assert "█" in first and second.endswith("█")
+    # The client had its response before the second task's line was written.
+    assert len(client) < len(second)
+    assert "├─┤ client: sent → got response" in out and "█ running (written at its end)" in out
+    assert "task 1 done · 'found query: hi\\n' → log.txt · waited " in out
+    assert "task 2 done · 'message to a@example.com\\n' → log.txt · waited " in out
+    assert all(len(line) <= 120 for line in out.splitlines())
+    assert int(verdict.group(1).replace(",", "")) > 0
+    assert live.read("log.txt") == b"found query: hi\nmessage to a@example.com\n"
+
+
+def test_notify_table_brings_the_table_of_events_back(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    live = start_server(delay=0.2)
+    result = invoke("notify", "a@example.com", "--q", "hi", "--table", "--url", live.url)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    timeline = out.index("timeline of request ")
+    assert VERDICT.search(out), out
     for event in (
         "client sent request",
         "server got request",
@@ -141,8 +171,7 @@ def test_notify_prints_response_tasks_timeline_and_verdict(
         assert event in out[timeline:], event
     # The timeline is in time order: the client saw the response before the last write.
     assert out.index("client got response", timeline) < out.index("task 2 wrote", timeline)
-    assert int(verdict.group(1).replace(",", "")) > 0
-    assert live.read("log.txt") == b"found query: hi\nmessage to a@example.com\n"
+    assert "├─┤" not in out and "█" not in out  # no picture
 
 
 def test_notify_no_wait_prints_the_response_only(start_server: Callable[..., LiveServer]) -> None:
@@ -205,6 +234,9 @@ def test_notify_timeout_shorter_than_the_work(start_server: Callable[..., LiveSe
     assert result.exit_code == EXIT_FAILED, result.output
     assert re.search(r"✗ 1 tasks? did not finish in time", result.stdout), result.stdout
     assert "response returned" not in result.stdout
+    # The picture draws the task not ended up to now, and says so.
+    assert picture_row(result.stdout, "task 1").endswith("…")
+    assert "… not ended yet" in result.stdout and "task 1 running · " in result.stdout
 
 
 def test_timeout_option_is_validated() -> None:
@@ -273,9 +305,14 @@ def test_failing_task_gives_exit_1(start_server: Callable[..., LiveServer]) -> N
     assert "POST /background_tasks → 200" in out
     assert re.search(r"^ +failed \d\d:\d\d:\d\d", out, re.MULTILINE), out
     assert "README.md is a directory" in out
-    assert "task 1 FAILED" in out
+    assert picture_row(out, "task 1").endswith("✗") and "  ✗ failed" in out
+    assert "task 1 failed · '\\n## FastAPI 框架精讲' → README.md · failed after waiting " in out
+    assert "README.md is a directory" in out[out.index("timeline of request") :]
     assert "✗ 1 of 1 tasks failed: NotARegularFile" in out
     assert "response returned" not in out
+    table = invoke("readme", "Flask", "--table", "--url", live.url)
+    assert table.exit_code == EXIT_FAILED, table.output
+    assert "task 1 FAILED" in table.stdout and "README.md is a directory" in table.stdout
 
     doc = fire_json(live, "notify", "a@example.com")  # the other file still works
     assert doc["ok"] is True

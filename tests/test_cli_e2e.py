@@ -148,7 +148,7 @@ def open_files(pid: int) -> set[str]:
 def test_module_entry_point_help() -> None:
     result = cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("notify", "readme", "tail", "tasks", "serve", "demo"):
+    for command in ("notify", "readme", "tail", "tasks", "timeline", "serve", "demo"):
         assert command in result.stdout
     assert result.stderr == ""
     version = cli("--version")
@@ -185,6 +185,7 @@ def heavy_modules_loaded(args: list[str], env: dict[str, str]) -> tuple[int, lis
         ["notify", "a@example.com", "--no-wait", "--url", "http://127.0.0.1:1"],
         ["readme", "FastAPI", "--url", "http://127.0.0.1:1"],
         ["tasks", "--url", "http://127.0.0.1:1"],
+        ["timeline", "0197a4f2-6c1e-7b3a-9d52-3f1e8c0a4b21", "--url", "http://127.0.0.1:1"],
         ["tail", "--no-follow", "-n", "3"],
     ],
     ids=lambda args: args[0],
@@ -203,9 +204,13 @@ def test_notify_against_a_live_server_does_not_import_them(
 ) -> None:
     live = start_server()
     args = ["notify", "a@example.com", "--q", "hi", "--url", live.url]
-    for wait in ([], ["--no-wait"]):
+    for wait in ([], ["--no-wait"], ["--table"]):
         exit_code, loaded = heavy_modules_loaded([*args, *wait], cli_env())
         assert (exit_code, loaded) == (0, [])
+    request_id = json.loads(cli(*args, "--json").stdout)["request_id"]
+    for how in ([], ["--table"], ["--json"]):
+        shown = ["timeline", request_id, "--url", live.url, *how]
+        assert heavy_modules_loaded(shown, cli_env()) == (0, [])
 
 
 # --- unreachable server ----------------------------------------------------------------------
@@ -419,9 +424,13 @@ def test_demo_runs_to_the_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
     out = result.stdout
     assert f"data dir {scratch}/bgtasks-demo-" in out
     assert out.count("response returned") == 2
+    # Each request's timeline is the picture (the table only with --table).
+    assert out.count("├─┤ client: sent → got response") == 2 and "┏" not in out
     assert "what `bgtasks tail` saw" in out
     assert "message to demo@example.com" in out.split("what `bgtasks tail` saw")[1]
     assert "## FastAPI 框架精讲" in out.split("what `bgtasks tail` saw")[1]
+    # It ends pointing at the crash demo.
+    assert out.splitlines()[-1].startswith("  bgtasks demo --crash  what kill -9 ")
     assert "Traceback" not in result.stderr
     assert processes_mentioning(str(scratch)) == []
     assert list(scratch.iterdir()) == []

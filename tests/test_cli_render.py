@@ -92,7 +92,7 @@ def test_timeline_orders_by_cause_when_stamps_disagree() -> None:
             "tasks": [task(0, queued_at=at(2), started_at=at(1.95), finished_at=at(6))],
         },
     )
-    text = show(render.timeline(done))
+    text = show(render.timeline(done.record, done.fired))
     rows = timeline_rows(text)
     assert [event for _, event in rows] == [
         "client sent request",
@@ -130,7 +130,7 @@ def test_timeline_in_stamp_order_has_no_marks() -> None:
             ],
         },
     )
-    text = show(render.timeline(done))
+    text = show(render.timeline(done.record, done.fired))
     assert [event for _, event in timeline_rows(text)] == [
         "client sent request",
         "server got request",

@@ -1,5 +1,7 @@
-"""The crash demo (`bgtasks_cli/crash_demo.py`) end to end in a subprocess: real servers, a
-real `kill -9`, a restart; and that nothing it started or wrote outlives it, Ctrl-C included."""
+"""The crash demo end to end through the console script (`bgtasks demo --crash`): real
+servers, a real `kill -9`, a restart; and that nothing it started or wrote outlives it, Ctrl-C
+included. What only the module can be asked (a server that does not start, bad arguments, the
+report's two forms) is asked of `bgtasks_cli/crash_demo.py` directly."""
 
 from __future__ import annotations
 
@@ -30,39 +32,36 @@ HAS_PROC = Path("/proc/self/fd").is_dir()
 pytestmark = pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")
 RUN_TIMEOUT = 120.0
 INTERRUPTED = 130
-
-# Drives the entry point the CLI's `demo --crash` calls: progress on stderr, a JSON document of
-# the report on stdout, exit 130 on Ctrl-C.
-DRIVER = """
-import json, sys
-from rich.console import Console
-from bgtasks_cli import crash_demo
-try:
-    report = crash_demo.run(
-        delay=1.0, notifications=5, console=Console(stderr=True, no_color=True, width=200)
-    )
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
-print(json.dumps({
-    "json": crash_demo.report_json(report),
-    "written_before_kill": report.bgtasks.written_before_kill,
-    "killed_after": report.killed_after,
-    "pids": report.pids,
-}))
-"""
+KEYS = ["acknowledged", "written", "lost", "duplicated"]
 
 
-def driver(scratch: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "TMPDIR": str(scratch), "NO_COLOR": "1"}
+def crash_demo_cli(scratch: Path, *args: str, columns: int = 200) -> subprocess.Popen[str]:
+    """`bgtasks demo --crash ARGS` through the console script, its temporary files in
+    `scratch`."""
+    env = {**os.environ, "TMPDIR": str(scratch), "NO_COLOR": "1", "COLUMNS": str(columns)}
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER],
+        [sys.executable, "-m", "bgtasks_cli", "demo", "--crash", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
         env=env,
     )
+
+
+def run_to_the_end(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    return out, err
+
+
+def killed_after(progress: str) -> float:
+    found = re.search(r"kill -9 both, ([\d.]+) s after the first response", progress)
+    assert found, progress
+    return float(found.group(1))
 
 
 def processes_in(directory: Path) -> list[int]:
@@ -116,31 +115,50 @@ def assert_nothing_left(scratch: Path, pids: list[int]) -> None:
 def test_plain_background_tasks_lose_acknowledged_lines_and_bgtasks_loses_none(
     scratch: Path,
 ) -> None:
-    proc = driver(scratch)
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    finally:
-        proc.kill()
+    proc = crash_demo_cli(scratch, "--json")
+    out, err = run_to_the_end(proc)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    result = json.loads(out)
-    report = result["json"]
-    keys = ["acknowledged", "written", "lost", "duplicated"]
+    # Only the JSON document on stdout; the progress went to stderr.
+    assert out.count("\n") == 1, out
+    report = json.loads(out)
     assert list(report) == ["plain", "bgtasks"]
-    assert list(report["plain"]) == keys and list(report["bgtasks"]) == [*keys, "recovered"]
+    assert list(report["plain"]) == KEYS and list(report["bgtasks"]) == [*KEYS, "recovered"]
     plain, bgtasks = report["plain"], report["bgtasks"]
     # 5 notifications with q: two lines acknowledged by each server.
     assert plain["acknowledged"] == bgtasks["acknowledged"] == 10
     # The kill came before the delays ran out: plain BackgroundTasks lost what it had promised.
-    assert result["killed_after"] < 1.0
+    assert killed_after(err) < 1.0
     assert plain["lost"] > 0 and plain["written"] == plain["acknowledged"] - plain["lost"]
     assert (bgtasks["lost"], bgtasks["duplicated"], bgtasks["written"]) == (0, 0, 10)
-    # Every task unfinished at the kill (its line not yet written) was finished as recovered.
-    assert bgtasks["recovered"] == bgtasks["acknowledged"] - result["written_before_kill"]
-    assert bgtasks["recovered"] > 0
-    # Both servers, started twice, each in the progress and the report.
-    assert pids_in(err) == result["pids"] and len(result["pids"]) == 4
-    assert_nothing_left(scratch, result["pids"])
+    assert 0 < bgtasks["recovered"] <= bgtasks["acknowledged"]
+    # Both servers, started twice, each named in the progress; all gone now.
+    pids = pids_in(err)
+    assert len(pids) == 4
+    assert_nothing_left(scratch, pids)
+
+
+def table_row(out: str, label: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.startswith(f"│ {label} "))
+    return [cell.strip() for cell in line.strip("│").split("│")][1:]
+
+
+def test_the_report_as_a_table_at_80_columns(scratch: Path) -> None:
+    proc = crash_demo_cli(scratch, columns=80)
+    out, err = run_to_the_end(proc)
+    assert proc.returncode == 0, err
+    assert err == ""
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert killed_after(out) < 1.0  # the progress comes first, on stdout
+    acknowledged = table_row(out, "lines acknowledged (200)")
+    before = table_row(out, "written before the kill")
+    recovered = table_row(out, "marked recovered")
+    assert acknowledged == ["10", "10"] and recovered[0] == "-"
+    # Every bgtasks task unfinished at the kill (its line not yet written) ended recovered.
+    assert int(recovered[1]) == 10 - int(before[1]) > 0
+    assert table_row(out, "lost")[1] == "0" and table_row(out, "duplicated")[1] == "0"
+    assert "✓ bgtasks lost none and wrote each once" in out
+    assert_nothing_left(scratch, pids_in(out))
 
 
 @pytest.mark.parametrize(
@@ -152,18 +170,22 @@ def test_plain_background_tasks_lose_acknowledged_lines_and_bgtasks_loses_none(
     ],
 )
 def test_ctrl_c_mid_demo_leaves_nothing_behind(scratch: Path, moment: str) -> None:
-    proc = driver(scratch)
-    assert proc.stderr is not None
+    proc = crash_demo_cli(scratch, "--json")
+    assert proc.stdout is not None and proc.stderr is not None
     progress = Lines(proc.stderr)
     try:
         progress.until(moment)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == INTERRUPTED
+        assert proc.stdout.read() == ""  # no report of a demo cut short
     finally:
         proc.kill()
         proc.wait(timeout=10)
     err = progress.rest()
-    assert "Traceback" not in err and err.rstrip().endswith("interrupted")
+    assert "Traceback" not in err
+    assert err.rstrip().endswith(
+        "interrupted: every server the demo started is stopped and its files removed"
+    )
     assert_nothing_left(scratch, pids_in(err))
 
 

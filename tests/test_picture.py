@@ -656,3 +656,32 @@ def test_any_record_fits_the_width(
     )
     for line in text.plain.splitlines():
         assert cell_len(line) <= width, (width, line)
+
+
+def test_a_task_that_failed_before_it_started_shows_its_error() -> None:
+    """With no delay a task whose file cannot be written fails at its claim, never started:
+    the picture is where `bgtasks timeline` says why."""
+    error = "NotARegularFile: README.md is a directory, not a regular file"
+    record = request(
+        "/background_tasks?framework=FastAPI",
+        [
+            task(
+                0,
+                "\n## FastAPI 框架精讲",
+                file="README.md",
+                status="failed",
+                queued=2.0,
+                started=None,
+                finished=2.6,
+                error=error,
+            )
+        ],
+        received=1.2,
+        sent=3.1,
+    )
+    text = picture.draw(record, width=80).plain
+    assert text.splitlines()[-3:] == [
+        "task 1 failed · '\\n## FastAPI 框架精讲' → README.md",
+        "    failed after waiting 0.6 ms",
+        f"    {error}",
+    ]

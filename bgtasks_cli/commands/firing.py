@@ -6,11 +6,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from bgtasks_cli.options import JsonOpt, TimeoutOpt, UrlOpt, WaitOpt, console, print_json
+from bgtasks_cli.options import (
+    JsonOpt,
+    TableOpt,
+    TimeoutOpt,
+    UrlOpt,
+    WaitOpt,
+    console,
+    print_json,
+)
 from server.status import ENDED
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.console import Console, RenderableType
 
     from bgtasks_cli.client import Client, Fired, Outcome
 
@@ -24,8 +32,10 @@ def run_request(
     timeout: float,
     as_json: bool,
     out: Console,
+    table: bool = False,
 ) -> Outcome:
-    """Fire one request; print the response the moment it arrives, then follow its tasks."""
+    """Fire one request; print the response the moment it arrives, then follow its tasks and
+    show its timeline: the picture, or with `table` the table of its events."""
     from bgtasks_cli import render
 
     if as_json:
@@ -60,9 +70,21 @@ def run_request(
         )
     finally:
         status.stop()
-    out.print(render.timeline(outcome))
+    out.print(timeline_view(outcome, table=table, width=out.width))
     out.print(render.verdict(outcome))
     return outcome
+
+
+def timeline_view(outcome: Outcome, *, table: bool, width: int) -> RenderableType:
+    """The followed request's timeline: its picture, or with `table` its events as a table."""
+    import time
+
+    from bgtasks_cli import picture, render
+
+    if table:
+        return render.timeline(outcome.record, outcome.fired)
+    # A task that did not end in time is drawn up to now.
+    return picture.draw_outcome(outcome, width=width, now=time.time())
 
 
 def _fire(
@@ -73,6 +95,7 @@ def _fire(
     wait: bool,
     timeout: float,
     as_json: bool,
+    table: bool,
 ) -> None:
     from bgtasks_cli.client import Client
     from bgtasks_cli.errors import EXIT_FAILED
@@ -80,7 +103,14 @@ def _fire(
 
     with Client(resolve_url(url)) as client:
         outcome = run_request(
-            client, path, params, wait=wait, timeout=timeout, as_json=as_json, out=console()
+            client,
+            path,
+            params,
+            wait=wait,
+            timeout=timeout,
+            as_json=as_json,
+            out=console(),
+            table=table,
         )
     if wait and not outcome.ok:
         raise typer.Exit(EXIT_FAILED)
@@ -94,13 +124,15 @@ def notify(
     ] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 30.0,
+    table: TableOpt = False,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fire `POST /send-notification/EMAIL?q=TEXT` and follow its tasks to the end.
 
-    Prints the response the moment it arrives, each task as it finishes, then a timeline
-    and how long the response beat the last write.
+    Prints the response the moment it arrives, each task as it finishes, then the
+    request's timeline as a picture (`--table`: as a table of its events) and how long the
+    response beat the last write.
 
     Example: `bgtasks notify user@example.com --q hello`
     """
@@ -108,7 +140,7 @@ def notify(
 
     params = {"q": q} if q is not None else None
     path = f"/send-notification/{quote(email, safe='@')}"
-    _fire(url, path, params, wait=wait, timeout=timeout, as_json=as_json)
+    _fire(url, path, params, wait=wait, timeout=timeout, as_json=as_json, table=table)
 
 
 def readme(
@@ -128,6 +160,7 @@ def readme(
     ] = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 30.0,
+    table: TableOpt = False,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -135,7 +168,8 @@ def readme(
 
     `bgtasks readme FRAMEWORK` fires `POST /background_tasks?framework=FRAMEWORK`;
     `bgtasks readme --intro --q TEXT` fires `POST /dependency/background_tasks?q=TEXT`
-    (without --q the server queues nothing and says so).
+    (without --q the server queues nothing and says so). The output is notify's: the
+    response, each task as it ends, the timeline picture (`--table`: a table) and a verdict.
 
     Example: `bgtasks readme FastAPI`
     """
@@ -148,4 +182,4 @@ def readme(
         if intro
         else ("/background_tasks", {"framework": framework})
     )
-    _fire(url, path, params, wait=wait, timeout=timeout, as_json=as_json)
+    _fire(url, path, params, wait=wait, timeout=timeout, as_json=as_json, table=table)

@@ -1,7 +1,8 @@
-"""`tail` and `tasks`: watch the data files and the registry."""
+"""`tail`, `tasks` and `timeline`: watch the data files and the registry."""
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,6 +12,7 @@ from bgtasks_cli.options import (
     DataDirOpt,
     FileChoice,
     JsonOpt,
+    TableOpt,
     UrlOpt,
     console,
     finite,
@@ -20,6 +22,9 @@ from server.status import TaskStatus
 
 if TYPE_CHECKING:
     from bgtasks_cli.tailer import TailEvent
+
+# The request ids the server keeps (a client's own X-Request-ID must match it too).
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def tail(
@@ -134,3 +139,61 @@ def tasks(
                     live.update(render.tasks_table(rows, width=out.width), refresh=True)
         except KeyboardInterrupt:
             pass
+
+
+def _request_id(value: str) -> str:
+    if not REQUEST_ID.fullmatch(value):
+        raise typer.BadParameter(
+            f"{value!r} is not a request id (letters, digits and . _ : -, at most 128)"
+        )
+    return value
+
+
+def timeline(
+    request_id: Annotated[
+        str,
+        typer.Argument(
+            help="The request's id: `notify` prints it, `tasks --json` lists it, every "
+            "response carries it as X-Request-ID.",
+            callback=_request_id,
+            show_default=False,
+        ),
+    ],
+    table: TableOpt = False,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw the timeline of any recorded request, as `notify` draws its own.
+
+    When the server got the request and sent the response, how long each task waited and
+    ran, and how it ended; a task still running is drawn up to now. `--table` lists the
+    events instead, `--json` prints the server's record. Exits 0 whatever the tasks did,
+    1 if the registry has no such request.
+
+    Example: `bgtasks timeline 0197a4f2-6c1e-7b3a-9d52-3f1e8c0a4b21`
+    """
+    import time
+    from urllib.parse import quote
+
+    from bgtasks_cli import picture, render
+    from bgtasks_cli.client import Client
+    from bgtasks_cli.errors import BgtasksError
+    from bgtasks_cli.state import resolve_url
+
+    base = resolve_url(url)
+    with Client(base) as client:
+        record = client.request_record(quote(request_id, safe=""))
+    if record is None:
+        raise BgtasksError(
+            f"no request {request_id} in the registry at {base}",
+            "`bgtasks tasks --json` lists recent tasks with their request ids; the registry "
+            "keeps the newest BGTASKS_RETENTION requests",
+        )
+    if as_json:
+        print_json(record)
+        return
+    out = console()
+    if table:
+        out.print(render.timeline(record))
+    else:
+        out.print(picture.draw(record, width=out.width, now=time.time()))

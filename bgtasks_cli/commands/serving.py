@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bgtasks_cli.options import console, finite
+from bgtasks_cli.errors import EXIT_FAILED
+from bgtasks_cli.options import TableOpt, console, finite, print_json
 from server import __version__
 
 if TYPE_CHECKING:
@@ -23,6 +24,15 @@ DEMO_REQUESTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     ("readme: one heading appended to README.md", "/background_tasks", {"framework": "FastAPI"}),
 )
+# What the demo's end points to next. `--fail` (a task that fails and is retried) joins this
+# list when retries land.
+DEMO_NEXT: tuple[tuple[str, str], ...] = (
+    (
+        "bgtasks demo --crash",
+        "what kill -9 mid-task does to acknowledged work, with and without bgtasks",
+    ),
+)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def serve(
@@ -114,15 +124,68 @@ def serve(
 def demo(
     delay: Annotated[
         float,
-        typer.Option(min=0, max=10, callback=finite, help="Seconds of simulated work per task."),
+        typer.Option(
+            min=0,
+            max=10,
+            callback=finite,
+            help="Seconds of simulated work per task (with --crash: 0.2 to 10).",
+        ),
     ] = 1.0,
+    crash: Annotated[
+        bool,
+        typer.Option(
+            "--crash",
+            help="Instead: FastAPI's tutorial code beside bgtasks, both killed with kill -9 "
+            "before their tasks run and started again; count each side's lost and doubled "
+            "lines. Exit 0 if bgtasks lost and doubled none, else 1.",
+        ),
+    ] = False,
+    table: TableOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help='With --crash: print only the report, {"plain": {...}, "bgtasks": {...}} '
+            "(progress goes to stderr).",
+        ),
+    ] = False,
 ) -> None:
-    """Start a throwaway server, notify and append to README, and show that each response
-    came back before its background writes finished. Cleans up after itself, Ctrl-C
-    included.
+    """Start a throwaway server and show that each response comes back before its tasks
+    write.
 
-    Example: `bgtasks demo`
+    Notifies and appends to README, then draws each request's timeline (`--table`: a table
+    of its events) and what `bgtasks tail` saw. `--crash` shows instead what `kill -9` does
+    to acknowledged work. Cleans up after itself, Ctrl-C included (exit 130).
+
+    Example: `bgtasks demo`, or `bgtasks demo --crash`
     """
+    if as_json and not crash:
+        raise typer.BadParameter("--json goes with --crash", param_hint="--json")
+    if table and crash:
+        raise typer.BadParameter(
+            "--table is for the timelines; --crash shows no timeline", param_hint="--table"
+        )
+    from rich.rule import Rule
+    from rich.text import Text
+
+    from bgtasks_cli import launcher
+
+    # The servers inherit the environment: check it here rather than let them die of it.
+    launcher.load_settings(delay=delay)
+    if crash:
+        _crash_demo(delay, as_json=as_json)
+        return
+    outcomes = _timelines_demo(delay, table=table)
+    out = console()
+    out.print(Rule("more demos", align="left"))
+    for command, what in DEMO_NEXT:
+        out.print(Text.assemble("  ", (command, "bold"), f"  {what}"))
+    if not all(outcome.ok for outcome in outcomes):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _timelines_demo(delay: float, *, table: bool) -> list[Outcome]:
+    """`demo`: the seed's requests against a throwaway server, and what `tail` saw."""
     from rich.rule import Rule
 
     from bgtasks_cli import launcher, render
@@ -130,8 +193,6 @@ def demo(
     from bgtasks_cli.commands.firing import run_request
     from bgtasks_cli.tailer import FILE_CHOICES, Tailer
 
-    # The server inherits the environment: check it here rather than let the server die of it.
-    launcher.load_settings(delay=delay)
     out = console()
     outcomes: list[Outcome] = []
     seen: list[TailEvent] = []
@@ -154,7 +215,7 @@ def demo(
             for title, path, params in DEMO_REQUESTS:
                 out.print(Rule(title, align="left"))
                 outcome = run_request(
-                    client, path, params, wait=True, timeout=30, as_json=False, out=out
+                    client, path, params, wait=True, timeout=30, as_json=False, out=out, table=table
                 )
                 outcomes.append(outcome)
         stop.set()
@@ -168,5 +229,30 @@ def demo(
         if follower.is_alive():
             follower.join(timeout=5)
         server.stop()
-    if not all(outcome.ok for outcome in outcomes):
-        raise typer.Exit(1)
+    return outcomes
+
+
+def _crash_demo(delay: float, *, as_json: bool) -> None:
+    """`demo --crash`: the report on stdout (as JSON with `as_json`, the progress then on
+    stderr); exit 1 unless bgtasks lost and doubled nothing, 130 on Ctrl-C."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from bgtasks_cli import crash_demo
+
+    out = console()
+    progress = Console(stderr=True, highlight=False, emoji=False) if as_json else out
+    try:
+        report = crash_demo.run(delay=delay, console=progress)
+    except KeyboardInterrupt:
+        # crash_demo.run has stopped and removed everything it started by now.
+        Console(stderr=True, highlight=False).print(
+            Text("interrupted: every server the demo started is stopped and its files removed")
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        print_json(crash_demo.report_json(report))
+    else:
+        out.print(crash_demo.render(report))
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILED)
