@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 STATUS_STYLE = {
     TaskStatus.QUEUED: "yellow",
     TaskStatus.RUNNING: "blue",
+    TaskStatus.RETRYING: "magenta",
     TaskStatus.DONE: "green",
     TaskStatus.RECOVERED: "green",
     TaskStatus.FAILED: "bold red",
+    TaskStatus.CANCELLED: "dim",
 }
 SOURCE_STYLE = {"log.txt": "cyan", "README.md": "magenta", "server": "yellow"}
 

@@ -51,7 +51,11 @@ TASK_FIELDS = {
     "queued_at",
     "started_at",
     "finished_at",
-    "error",
+    "last_error",
+    "attempts",
+    "next_attempt_at",
+    "owner",
+    "host",
 }
 
 
@@ -207,7 +211,8 @@ def test_notify_json_is_one_document_with_stable_fields(
     assert server["id"] == doc["request_id"]
     assert server["status_code"] == 200 and server["response_sent_at"] is not None
     tasks = server["tasks"]
-    assert [set(t) for t in tasks] == [TASK_FIELDS, TASK_FIELDS]
+    # a request's record also gives each task's failed attempts
+    assert [set(t) for t in tasks] == [TASK_FIELDS | {"failures"}] * 2
     assert [(t["seq"], t["file"], t["line"], t["status"]) for t in tasks] == [
         (0, "log.txt", "found query: hi\n", "done"),
         (1, "log.txt", "message to a@example.com\n", "done"),
@@ -297,7 +302,7 @@ def test_readme_argument_errors(args: tuple[str, ...], message: str) -> None:
 
 
 def test_failing_task_gives_exit_1(start_server: Callable[..., LiveServer]) -> None:
-    live = start_server()
+    live = start_server(max_attempts=1)  # failed at once: retries are tests/test_retries.py's
     (live.data_dir / "README.md").mkdir(parents=True)
     result = invoke("readme", "FastAPI", "--url", live.url)
     assert result.exit_code == EXIT_FAILED, result.output
@@ -321,7 +326,7 @@ def test_failing_task_gives_exit_1(start_server: Callable[..., LiveServer]) -> N
     failed = json.loads(failing.stdout)
     assert failed["ok"] is False
     assert failed["server"]["tasks"][0]["status"] == "failed"
-    assert "is a directory" in failed["server"]["tasks"][0]["error"]
+    assert "is a directory" in failed["server"]["tasks"][0]["last_error"]
 
 
 @pytest.mark.parametrize("command", [("notify", "a@example.com"), ("readme", "X"), ("tasks",)])

@@ -317,7 +317,7 @@ def test_against_a_served_process(
         ("README.md", "failed"),
         ("log.txt", "done"),
     ]
-    assert "is a directory" in rows[0]["error"]
+    assert "is a directory" in rows[0]["last_error"]
 
     # A graceful stop (uvicorn re-raises SIGTERM after it) removes the state file; then the
     # commands say the server is gone.

@@ -46,7 +46,7 @@ def task(seq: int, **fields: Any) -> dict[str, Any]:
         "queued_at": at(2),
         "started_at": None,
         "finished_at": None,
-        "error": None,
+        "last_error": None,
     }
     return {**base, **fields}
 
@@ -178,7 +178,7 @@ def table_tasks() -> list[dict[str, Any]]:
                 line=f"message to user{n}@example.com\n",
                 started_at=started,
                 finished_at=at(1000 * n + 1004) if ended else None,
-                error="IsADirectoryError: [Errno 21] Is a directory: 'README.md'"
+                last_error="IsADirectoryError: [Errno 21] Is a directory: 'README.md'"
                 if status == TaskStatus.FAILED
                 else None,
             )

@@ -51,7 +51,7 @@ def task(
         "queued_at": at(queued),
         "started_at": at(started),
         "finished_at": at(finished),
-        "error": error,
+        "last_error": error,
         **extra,
     }
 

@@ -7,6 +7,8 @@ from typing import cast
 
 from server.records import RequestRecord, TaskRecord
 from server.registry import Ended, Registry
+from server.registry.store import Failure
+from server.retries import RetryPolicy
 from server.runner import TaskRunner
 from server.status import TaskStatus
 
@@ -19,6 +21,7 @@ class HeldRegistry:
     def __init__(self) -> None:
         self.submitted: list[tuple[TaskRecord, Ended]] = []
         self.noted: list[tuple[str, str]] = []
+        self.failures: list[Failure] = []
         self.flushes = 0
 
     def lines(self) -> list[str]:
@@ -32,6 +35,14 @@ class HeldRegistry:
 
     def note_task(self, task: TaskRecord) -> None:
         self.noted.append((task.id, task.status))
+
+    def note_failure(self, failure: Failure) -> None:
+        self.failures.append(failure)
+
+
+# These tests are about order, slots and shutdown: a failed attempt is the task's last. The
+# retries of failed attempts: tests/test_retries.py.
+ONE_ATTEMPT = RetryPolicy(max_attempts=1)
 
 
 def accepted_request(runner: TaskRunner, name: str) -> RequestRecord:
@@ -47,7 +58,7 @@ async def two_started(
 ) -> tuple[HeldRegistry, TaskRunner, RequestRecord, RequestRecord]:
     """Requests a and b accepted and started, in that order, on a runner with one slot."""
     registry = HeldRegistry()
-    runner = TaskRunner(cast(Registry, registry), delay=delay, max_running=1)
+    runner = TaskRunner(cast(Registry, registry), delay=delay, max_running=1, retries=ONE_ATTEMPT)
     a, b = accepted_request(runner, "a"), accepted_request(runner, "b")
     await runner.start(a)
     await runner.start(b)
@@ -57,7 +68,7 @@ async def two_started(
 def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
     async def scenario() -> None:
         registry = HeldRegistry()
-        runner = TaskRunner(cast(Registry, registry), delay=0, max_running=2)
+        runner = TaskRunner(cast(Registry, registry), delay=0, max_running=2, retries=ONE_ATTEMPT)
         first, second = accepted_request(runner, "a"), accepted_request(runner, "b")
         starts = [asyncio.create_task(runner.start(r)) for r in (first, second)]
         await asyncio.sleep(0.01)
@@ -76,7 +87,7 @@ def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
             "message to b@example.com\n",
         ]
         failed = registry.submitted[1][0]
-        assert failed.status == TaskStatus.FAILED and failed.error == "OSError: disk full"
+        assert failed.status == TaskStatus.FAILED and failed.last_error == "OSError: disk full"
         await asyncio.gather(*starts)
 
         drain = asyncio.create_task(runner.drain(timeout=5))
@@ -139,7 +150,7 @@ def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_thei
 def test_drain_leaves_sleeping_and_waiting_tasks_for_the_next_start() -> None:
     async def scenario() -> None:
         registry, runner, a, _ = await two_started(delay=30)
-        asleep = list(runner._timers.values())
+        asleep = [timer for timer, _ in runner._timers.values()]
         await asyncio.wait_for(runner.drain(timeout=0.05), 1)
         assert len(runner.unfinished) == 4 and not registry.submitted
         assert a.tasks[0].status == TaskStatus.RUNNING  # recorded as started: recovery writes it
