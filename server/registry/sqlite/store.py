@@ -487,8 +487,8 @@ def _update_tasks(conn: sqlite3.Connection, tasks: Iterable[TaskRecord]) -> None
             )
     if runs:
         conn.executemany(
-            "UPDATE tasks SET status = 'done', started_at = ?, finished_at = ?, attempts = ?"
-            " WHERE pk BETWEEN ? AND ?",
+            "UPDATE tasks SET status = 'done', started_at = ?, finished_at = ?, attempts = ?,"
+            " next_attempt_at = NULL WHERE pk BETWEEN ? AND ?",
             runs,
         )
     if other:
