@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.config import Settings
+from server.events import add_event_routes
 from server.middleware import RegistryMiddleware
 from server.operators import add_operator_routes
 from server.registry import Registry, SqliteStore, Store, StoreFault
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The requests worth recording: the seed's endpoints (others may add theirs).
     app.state.recorded_paths = add_routes(app)
     add_operator_routes(app)
+    add_event_routes(app)
     app.add_middleware(
         RegistryMiddleware, registry=registry, runner=runner, recorded=app.state.recorded_paths
     )

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.records import RequestRecord, TaskRecord
 from server.registry.claims import Claim, place_lines
+from server.registry.events import (
+    Event,
+    intent_events,
+    received_event,
+    response_event,
+    task_event,
+)
 from server.registry.files import DataFiles, append_lines
 from server.registry.store import (
     Changes,
@@ -74,6 +82,8 @@ class GroupCommit:
         self._last_start = 0.0
         self._committing: asyncio.Task[None] | None = None
         self._stalled_since: float | None = None
+        # Set (and replaced) at each commit: what a stream of events waits on.
+        self.committed = asyncio.Event()
 
     # -- what the registry hands over ------------------------------------------------------
 
@@ -105,6 +115,12 @@ class GroupCommit:
         """Record a failed attempt in its task's history at the next commit (not awaited)."""
         if self.fault is None:
             self.next.changes.failures.append(failure)
+            self.schedule(NOTE_WINDOW_S)
+
+    def note_event(self, event: Event) -> None:
+        """Record an event of a change made outside the group commit, with the next commit."""
+        if self.fault is None:
+            self.next.changes.events.append(event)
             self.schedule(NOTE_WINDOW_S)
 
     def submit(self, task: TaskRecord, ended: Ended) -> None:
@@ -201,10 +217,10 @@ class GroupCommit:
                     if task.started_at is None:  # no delay: its write is its start
                         task.started_at = claimed_at
                 locked.append((name, fd, submissions))
+            lines = [[task for task, _ in items] for _, _, items in locked]
+            events = _events(batch.changes, lines, claimed_at)
             try:
-                claims = await self.store.commit(  # rules 1 and 2
-                    batch.changes, [[task for task, _ in items] for _, _, items in locked]
-                )
+                claims = await self.store.commit(batch.changes, lines, events)  # rules 1 and 2
             except StoreBusy as exc:
                 self._stalled(exc, batch, [item for _, _, items in locked for item in items])
                 return
@@ -212,6 +228,8 @@ class GroupCommit:
                 self._faulted(exc, batch, [item for _, _, items in locked for item in items])
                 return
             self._stalled_since = None
+            self.committed.set()  # streams of events wake
+            self.committed = asyncio.Event()
             claimed = bool(claims)
             for request in batch.changes.intents:
                 request.accepted = True
@@ -278,6 +296,29 @@ class GroupCommit:
             changes.tasks.setdefault(key, task)
         changes.ended_claims.extend(batch.changes.ended_claims)
         changes.failures.extend(batch.changes.failures)
+        changes.events.extend(batch.changes.events)
+
+
+def _events(changes: Changes, lines: list[list[TaskRecord]], claimed_at: float) -> list[Event]:
+    """The events this commit's changes make, in the order they happened."""
+    events = list(changes.events)
+    for request in changes.intents:
+        events.extend(intent_events(request))
+    for request in changes.requests.values():
+        if not request.accepted:  # recorded only now: it queued nothing
+            events.append(received_event(request))
+        events.append(response_event(request))
+    for tasks in lines:
+        for task in tasks:
+            if task.started_at == claimed_at:  # no delay: its claim is its start
+                events.append(task_event(task))
+    events.extend(task_event(task) for task in changes.tasks.values())
+    events.sort(key=_when)  # one commit holds moments a hair apart, noted in any order
+    return events
+
+
+def _when(event: Event) -> float:
+    return event[3] if event[3] is not None else math.inf
 
 
 def _write(fd: int, claim: Claim, submissions: list[Submission]) -> None:

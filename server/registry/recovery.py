@@ -26,10 +26,12 @@ logger = logging.getLogger("bgtasks.registry")
 
 async def recover_dead_owners(
     store: Store, files: DataFiles, owners: OwnerLocks, me: str, *, at_start: bool
-) -> list[TaskRecord]:
+) -> tuple[list[TaskRecord], list[TaskRecord]]:
     """Finish the claimed lines of every dead owner and adopt its other unfinished tasks for
-    `me`. Returns the adopted tasks, queued again: the caller runs them."""
+    `me`. Returns the tasks it finished (recovered, or failed), and the adopted ones, queued
+    again: the caller runs those."""
     candidates = await store.owners_with_unfinished_tasks() | owners.listed()
+    finished: list[TaskRecord] = []
     adopted: list[TaskRecord] = []
     for owner in sorted(candidates - {me}):
         fd = owners.take_if_dead(owner, patient=at_start)
@@ -38,13 +40,17 @@ async def recover_dead_owners(
         try:
             if await store.is_alive(owner):
                 continue
-            adopted += await _recover_owner(store, files, owner, me)
+            done, moved = await _recover_owner(store, files, owner, me)
+            finished += done
+            adopted += moved
         finally:
             owners.release(owner, fd)
-    return adopted
+    return finished, adopted
 
 
-async def _recover_owner(store: Store, files: DataFiles, owner: str, me: str) -> list[TaskRecord]:
+async def _recover_owner(
+    store: Store, files: DataFiles, owner: str, me: str
+) -> tuple[list[TaskRecord], list[TaskRecord]]:
     work = await store.dead_owner_work(owner)
     claimed = place_claimed(work.claims, work.tasks, work.ended_lengths)
     later = {claim.number: await store.earliest_later_start(claim) for claim in work.claims}
@@ -69,7 +75,7 @@ async def _recover_owner(store: Store, files: DataFiles, owner: str, me: str) ->
     moved = await store.adopt(unclaimed, owner, me)
     if moved:
         logger.warning("adopted %d unclaimed tasks of stopped server %s", len(moved), owner)
-    return moved
+    return finished, moved
 
 
 async def _resolve(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from server.records import TaskRecord
 from server.registry.batch import GroupCommit
+from server.registry.events import task_event
 from server.registry.files import DataFiles
 from server.registry.owners import OwnerLocks, check_state_dir
 from server.registry.recovery import recover_dead_owners
@@ -45,8 +47,14 @@ class Registry:
         self.note_request = self._commits.note_request
         self.note_task = self._commits.note_task
         self.note_failure = self._commits.note_failure
+        self.note_event = self._commits.note_event
         self.submit = self._commits.submit
         self.flush = self._commits.drain
+
+    @property
+    def committed(self) -> asyncio.Event:
+        """Set at the next commit (a new one each time): what a stream of events waits on."""
+        return self._commits.committed
 
     @property
     def fault(self) -> StoreFault | None:
@@ -63,12 +71,14 @@ class Registry:
         self._owner_fd = self._owners.hold(self.owner)
         try:
             await self.store.open(self.owner)
-            adopted = await recover_dead_owners(
+            finished, adopted = await recover_dead_owners(
                 self.store, self._files, self._owners, self.owner, at_start=True
             )
         except BaseException:
             await self.close()
             raise
+        for task in finished:
+            self.note_event(task_event(task))
         if self.store.shared:
             self._watcher = asyncio.create_task(self._watch_dead_owners())
         return adopted
@@ -80,7 +90,7 @@ class Registry:
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             try:
-                adopted = await recover_dead_owners(
+                finished, adopted = await recover_dead_owners(
                     self.store, self._files, self._owners, self.owner, at_start=False
                 )
             except RegistryError as exc:
@@ -89,6 +99,8 @@ class Registry:
                 failing = True
                 continue
             failing = False
+            for task in finished:
+                self.note_event(task_event(task))
             if adopted and self.on_adopted is not None:
                 self.on_adopted(adopted)
 
@@ -132,12 +144,21 @@ class Registry:
     async def cancel(self, task_id: str, at: float) -> bool:
         """Cancel the task if it is unfinished and its line not claimed (see Store.cancel)."""
         with self._watch():
-            return await self.store.cancel(task_id, at)
+            if not await self.store.cancel(task_id, at):
+                return False
+            found = await self.store.get_task(task_id)
+        if found is not None:
+            self.note_event(("task_cancelled", found["request_id"], task_id, at, None))
+        return True
 
     async def requeue(self, task_id: str) -> TaskRecord | None:
         """A failed task with a fresh set of attempts, this process's to run (Store.requeue)."""
         with self._watch():
-            return await self.store.requeue(task_id, self.owner)
+            task = await self.store.requeue(task_id, self.owner)
+        if task is not None:
+            details = {"file": task.file, "retried": True}
+            self.note_event(("task_queued", task.request_id, task.id, time.time(), details))
+        return task
 
     async def count_unfinished(self) -> int:
         with self._watch():

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from server.records import RequestRecord, TaskRecord
 from server.registry.claims import Claim
+from server.registry.events import Event
 from server.status import TaskStatus
 
 
@@ -65,10 +66,18 @@ class Changes:
     """Claims every line of which has ended (rule 5)."""
     failures: list[Failure] = field(default_factory=list)
     """Failed attempts, for the tasks' histories."""
+    events: list[Event] = field(default_factory=list)
+    """Events of changes made outside the group commit (recovery, cancels) to record with it;
+    the group commit adds the events of its own changes."""
 
     def __bool__(self) -> bool:
         return bool(
-            self.intents or self.requests or self.tasks or self.ended_claims or self.failures
+            self.intents
+            or self.requests
+            or self.tasks
+            or self.ended_claims
+            or self.failures
+            or self.events
         )
 
 
@@ -100,8 +109,11 @@ class Store(Protocol):
     async def close(self) -> None:
         """Let go of every connection. Unfinished tasks stay, for a later recovery."""
 
-    async def commit(self, changes: Changes, claims: Sequence[Sequence[TaskRecord]]) -> list[Claim]:
-        """Record `changes` and one claim per list of lines (one file each, placed back to
+    async def commit(
+        self, changes: Changes, claims: Sequence[Sequence[TaskRecord]], events: Sequence[Event]
+    ) -> list[Claim]:
+        """Record `changes`, `events` (as one row of the event log) and one claim per list of
+        lines (one file each, placed back to
         back, rule 3) in one transaction. Gives each intent's tasks their keys (`pk`), in the
         order of the intents, and renames an intent whose client-chosen id an accepted request
         already has. Returns the claims made, in the order given; a claim lists only the tasks
@@ -155,3 +167,12 @@ class Store(Protocol):
 
     async def count_unfinished(self) -> int:
         """How many tasks have not ended."""
+
+    async def last_event_commit(self) -> str:
+        """Where the event log ends now: a cursor for `events_after`."""
+
+    async def events_after(
+        self, cursor: str, limit: int, *, inclusive: bool = False
+    ) -> list[tuple[str, str]]:
+        """The event log's rows committed after `cursor` (and its own, if `inclusive`), oldest
+        first, at most `limit`: (each one's cursor, its events encoded)."""

@@ -80,6 +80,10 @@ async def prune(conn: AsyncConnection[Any], retention: int) -> None:
         " DELETE FROM bgtasks.requests WHERE id IN (SELECT id FROM done)",
         (retention,),
     )
+    await conn.execute(  # the event log keeps as many commits as there are requests kept
+        "DELETE FROM bgtasks.events WHERE id <= (SELECT max(id) FROM bgtasks.events) - %s",
+        (retention,),
+    )
     await conn.execute(
         "DELETE FROM bgtasks.failures f WHERE NOT EXISTS"
         " (SELECT 1 FROM bgtasks.tasks t WHERE t.pk = f.task)"

@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS bgtasks.claims (
     ended boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS claims_open ON bgtasks.claims (owner) WHERE NOT ended;
+CREATE TABLE IF NOT EXISTS bgtasks.events (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    at double precision NOT NULL,
+    body text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_in_order ON bgtasks.events (txid, id);
 CREATE TABLE IF NOT EXISTS bgtasks.owners (
     owner text PRIMARY KEY,
     host text NOT NULL,
@@ -81,7 +88,8 @@ CREATE TABLE IF NOT EXISTS bgtasks.owners (
 """`tasks.claim` is the claim a task's line was placed in: set, with an owner check, by the
 claim statement itself (rule 13), and cleared when an attempt failed (nothing of its line is
 left in the file). A claim's `data_dir` names the data directory its file is in (its
-`.bgtasks/id`). `failures` holds each task's failed attempts."""
+`.bgtasks/id`). `failures` holds each task's failed attempts. `events` is the event log: one
+row per commit that made any; `txid` orders it (see `events_after`)."""
 
 
 async def create_or_migrate(conn: AsyncConnection[Any]) -> None:

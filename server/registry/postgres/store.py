@@ -28,6 +28,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from server.records import RequestRecord, TaskRecord, new_request_id
 from server.registry.claims import Claim
+from server.registry.events import Event, encode
 from server.registry.owners import data_dir_id
 from server.registry.postgres import queries
 from server.registry.postgres.schema import NAMESPACE, create_or_migrate
@@ -198,7 +199,9 @@ class PostgresStore:
 
     # -- the group commit ------------------------------------------------------------------
 
-    async def commit(self, changes: Changes, claims: Sequence[Sequence[TaskRecord]]) -> list[Claim]:
+    async def commit(
+        self, changes: Changes, claims: Sequence[Sequence[TaskRecord]], events: Sequence[Event]
+    ) -> list[Claim]:
         with _translated("commit", self.url):
             async with self._writing:
                 conn = await self._connected()
@@ -229,6 +232,11 @@ class PostgresStore:
                         await conn.execute(INSERT_FAILURES, _columns(failures, 5))
                     if changes.ended_claims:
                         await conn.execute(END_CLAIMS, (changes.ended_claims,))
+                    if events:
+                        await conn.execute(
+                            "INSERT INTO bgtasks.events (at, body) VALUES (%s, %s)",
+                            (time.time(), encode(events)),
+                        )
                     self._since_prune += len(changes.requests)
                     if self._since_prune >= self._prune_every:
                         self._since_prune = 0
@@ -475,6 +483,32 @@ class PostgresStore:
     async def count_unfinished(self) -> int:
         with _translated("read", self.url):
             return await queries.count_unfinished(self._read())
+
+    # Transactions of several processes commit in any order, so the log is read in the order
+    # of their ids, and only below the oldest one still running: nothing that commits later
+    # can sort before what a stream has read.
+
+    async def last_event_commit(self) -> str:
+        with _translated("read", self.url):
+            cursor = await self._read().execute(
+                "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1)::text AS x"
+            )
+            row = await cursor.fetchone()
+        return f"{row['x'] if row else 0}.{2**63 - 1}"
+
+    async def events_after(
+        self, cursor: str, limit: int, *, inclusive: bool = False
+    ) -> list[tuple[str, str]]:
+        txid, _, after = cursor.partition(".")
+        start = int(after or 0) - (1 if inclusive else 0)
+        with _translated("read", self.url):
+            found = await self._read().execute(
+                "SELECT txid::text || '.' || id AS cursor, body FROM bgtasks.events"
+                " WHERE (txid, id) > (%s::text::xid8, %s)"
+                " AND txid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY txid, id LIMIT %s",
+                (txid, start, limit),
+            )
+            return [(row["cursor"], row["body"]) for row in await found.fetchall()]
 
     # -- helpers ---------------------------------------------------------------------------
 

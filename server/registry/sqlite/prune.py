@@ -41,6 +41,10 @@ def prune(conn: sqlite3.Connection, retention: int) -> None:
         " (SELECT 1 FROM tasks WHERE pk BETWEEN requests.first_task AND requests.last_task))",
         (cutoff,),
     )
+    conn.execute(  # the event log keeps as many commits as there are requests kept
+        "DELETE FROM events WHERE commit_number <= (SELECT max(commit_number) FROM events) - ?",
+        (retention,),
+    )
     oldest = oldest_open_claim(conn)
     conn.execute(
         "DELETE FROM claims WHERE ended AND claim < ?",

@@ -61,10 +61,16 @@ CREATE TABLE IF NOT EXISTS failures (
     error TEXT NOT NULL,
     PRIMARY KEY (task, attempt)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    commit_number INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    body TEXT NOT NULL
+);
 """
 """A request's tasks are the keys first_task..last_task (both given at its intent's commit).
 A claim's `tasks` is a JSON array of task keys in write order. `failures` holds each task's
-failed attempts (its key, the attempt's number)."""
+failed attempts (its key, the attempt's number). `events` is the event log: one row per commit
+that made any, numbered in commit order, its events as a JSON array."""
 
 # SQLite's result codes that say the file itself is unusable, rather than busy for a moment.
 _FAULTS = frozenset(

@@ -21,6 +21,7 @@ from typing import Any
 from server.paths import registry_path
 from server.records import RequestRecord, TaskRecord, new_request_id
 from server.registry.claims import Claim
+from server.registry.events import Event, encode
 from server.registry.owners import OwnerLocks
 from server.registry.sqlite import queries
 from server.registry.sqlite.checkpoint import Checkpointer
@@ -86,7 +87,9 @@ class SqliteStore:
 
     # -- the group commit ------------------------------------------------------------------
 
-    async def commit(self, changes: Changes, claims: Sequence[Sequence[TaskRecord]]) -> list[Claim]:
+    async def commit(
+        self, changes: Changes, claims: Sequence[Sequence[TaskRecord]], events: Sequence[Event]
+    ) -> list[Claim]:
         conn = self._writer()
         with self._translated():
             conn.execute("BEGIN IMMEDIATE")
@@ -111,6 +114,10 @@ class SqliteStore:
                             (f.task, f.attempt, f.started_at, f.failed_at, f.error)
                             for f in changes.failures
                         ],
+                    )
+                if events:
+                    conn.execute(
+                        "INSERT INTO events (at, body) VALUES (?, ?)", (time.time(), encode(events))
                     )
                 self._since_prune += len(changes.requests)  # each request is noted once
                 if self._since_prune >= self._prune_every:
@@ -415,6 +422,23 @@ class SqliteStore:
     async def count_unfinished(self) -> int:
         with self._translated():
             return queries.count_unfinished(self._read())
+
+    async def last_event_commit(self) -> str:
+        with self._translated():
+            row = self._read().execute("SELECT coalesce(max(commit_number), 0) FROM events")
+            return str(row.fetchone()[0])
+
+    async def events_after(
+        self, cursor: str, limit: int, *, inclusive: bool = False
+    ) -> list[tuple[str, str]]:
+        first = int(cursor) if inclusive else int(cursor) + 1
+        with self._translated():
+            rows = self._read().execute(
+                "SELECT commit_number, body FROM events WHERE commit_number >= ?"
+                " ORDER BY commit_number LIMIT ?",
+                (first, limit),
+            )
+            return [(str(number), body) for number, body in rows]
 
     # -- helpers ---------------------------------------------------------------------------
 
