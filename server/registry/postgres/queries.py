@@ -42,7 +42,7 @@ async def list_tasks(
         )
     else:
         cursor = await conn.execute(
-            f"SELECT {TASK_COLUMNS} FROM bgtasks.tasks WHERE status = %s ORDER BY pk DESC LIMIT %s",
+            f"SELECT {TASK_COLUMNS} FROM {TASKS} WHERE t.status = %s ORDER BY t.pk DESC LIMIT %s",
             (status.value, limit),
         )
     return await cursor.fetchall()
