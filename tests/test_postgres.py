@@ -80,6 +80,8 @@ async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
         await registry.store.commit(Changes(), [[task]])
     finally:
         files.close()
+    assert registry._watcher is not None
+    registry._watcher.cancel()
     store = registry.store
     assert isinstance(store, PostgresStore)
     for conn in (store._conn, store._reader):
@@ -140,6 +142,11 @@ def test_a_request_s_next_task_waits_for_its_line_claimed_in_a_dead_owner_s_dire
         await b.open()
         await a.commit_intents(request)
         await die_after_claiming(a, request.tasks[0])
+        for _ in range(500):  # its session ends a moment after its socket closes
+            if not await b.store.is_alive("0000000a"):
+                break
+            await asyncio.sleep(0.01)
+        assert not await b.store.is_alive("0000000a")
         by_b = await recover_dead_owners(b.store, b._files, b._owners, b.owner, at_start=False)
         for task in by_b:
             b.submit(task, ends.append)
