@@ -43,7 +43,7 @@ from tests.loadgen import post_all
 
 pytestmark = pytest.mark.parametrize("store", ["postgresql"], indirect=True)
 
-SEED = 20261215
+SEED = int(os.environ.get("BGTASKS_TEST_SEED", "20261215"))  # set it to replay a failure
 PER_PROCESS = 300
 ADOPTION_DEADLINE_S = 5.0
 LINE = re.compile(rb"found query: (k\d+[ab]\d+)\n|message to (k\d+[ab]\d+)@example\.com\n")
@@ -96,8 +96,11 @@ def kill_with_both_kinds(server: ServerProcess, database: str, owner: str) -> fl
     (one waits for the rest of a pipeline), or the store has not both kinds, the server goes
     on (SIGCONT) and is looked at again. Returns the time of the kill."""
     pid = server.proc.pid
+    deadline = time.monotonic() + 15
     with psycopg.connect(database, autocommit=True) as conn:
         for _ in range(2000):
+            if time.monotonic() > deadline:
+                break
             os.kill(pid, signal.SIGSTOP)
             settled = False
             for _ in range(50):
@@ -165,6 +168,7 @@ class Round:
     seed: int
     round_: int
     delay: float
+    drawn_s: float = 0.0  # the random wait, once a has written a line
     kill_after_s: float = 0.0
     at_kill: AtTheKill = field(default_factory=AtTheKill)
     adopted_s: float | None = None  # from the kill until the store shows them all adopted
@@ -174,8 +178,9 @@ class Round:
 
     def describe(self) -> str:
         return (
-            f"[seed {self.seed} round {self.round_} delay {self.delay}: kill"
-            f" {self.kill_after_s:.3f} s into the load; dead owner's tasks:"
+            f"[seed {self.seed} round {self.round_} delay {self.delay}: drew"
+            f" {self.drawn_s:.3f} s, killed {self.kill_after_s:.3f} s into the load; dead"
+            f" owner's tasks:"
             f" {self.at_kill.describe()}; adopted after {self.adopted_s} s, written after"
             f" {self.written_s} s; acknowledged {self.acked}; {self.in_two_files} requests"
             " in two files]"
@@ -222,7 +227,7 @@ def kill_round(
     """One round: load both, kill a, check b's adoption, start a's directory again, check
     every line. Returns what happened."""
     found = Round(seed, round_, delay)
-    rng = random.Random(f"{seed}/{round_}")
+    rng = random.Random(f"{seed}/{round_}/{delay}")
     dirs = {side: base / f"round{round_}" / side for side in SIDES}
     servers = {
         side: start(data_dir=dirs[side], delay=delay, args=("--no-access-log",)) for side in SIDES
@@ -238,7 +243,8 @@ def kill_round(
     # A random moment once a has written a line, then the first instant at which it has
     # tasks both claimed and not claimed.
     wait_until(lambda: (dirs["a"] / "log.txt").exists(), timeout=20, step=0.005)
-    time.sleep(rng.uniform(0.0, 0.3))
+    found.drawn_s = rng.uniform(0.0, 0.3)
+    time.sleep(found.drawn_s)
     killed_at = kill_with_both_kinds(servers["a"], database, dead)
     found.kill_after_s = killed_at - began
     with psycopg.connect(database, autocommit=True) as conn:
