@@ -79,36 +79,35 @@ def both_kinds(conn: psycopg.Connection[Any], owner: str) -> bool:
     return found is not None and found[0] > 0 and found[1] > 0
 
 
-def sessions_of(conn: psycopg.Connection[Any], owner: str, *, active: bool = False) -> int:
-    """How many sessions `owner` has (only those running a statement, if `active`)."""
-    found = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s"
-        " AND (state = 'active' OR NOT %s)",
-        (f"bgtasks {owner} %", active),
-    ).fetchone()
-    return int(found[0]) if found else 0
+def sessions_of(conn: psycopg.Connection[Any], owner: str) -> list[tuple[Any, ...]]:
+    """`owner`'s sessions: (pid, state, when the state last changed)."""
+    return conn.execute(
+        "SELECT pid, state, state_change FROM pg_stat_activity WHERE application_name LIKE %s"
+        " ORDER BY pid",
+        (f"bgtasks {owner} %",),
+    ).fetchall()
 
 
 def kill_with_both_kinds(server: ServerProcess, database: str, owner: str) -> float:
     """`kill -9` the server at the first moment at which its committed tasks are both claimed
-    and not claimed. It is stopped (SIGSTOP) to look: once its sessions have finished what
-    they were sent, the store holds what a kill at that moment leaves. If they do not finish
-    (one waits for the rest of a pipeline), or the store has not both kinds, the server goes
+    and not claimed. It is stopped (SIGSTOP) to look: once what it sent has reached its
+    sessions and they are idle, the store holds what a kill at that moment leaves (a session
+    that did nothing while the store was read did not change it). Otherwise the server goes
     on (SIGCONT) and is looked at again. Returns the time of the kill."""
     pid = server.proc.pid
     deadline = time.monotonic() + 15
     with psycopg.connect(database, autocommit=True) as conn:
-        for _ in range(2000):
+        for _ in range(500):
             if time.monotonic() > deadline:
                 break
             os.kill(pid, signal.SIGSTOP)
-            settled = False
-            for _ in range(50):
-                settled = sessions_of(conn, owner, active=True) == 0
-                if settled:
-                    break
-                time.sleep(0.001)
-            if settled and both_kinds(conn, owner):
+            time.sleep(0.02)
+            before = sessions_of(conn, owner)
+            if (
+                all(state != "active" for _, state, _ in before)
+                and both_kinds(conn, owner)
+                and sessions_of(conn, owner) == before
+            ):
                 killed_at = time.monotonic()
                 server.proc.kill()
                 os.kill(pid, signal.SIGCONT)  # a stopped process dies of SIGKILL all the same
@@ -248,7 +247,7 @@ def kill_round(
     killed_at = kill_with_both_kinds(servers["a"], database, dead)
     found.kill_after_s = killed_at - began
     with psycopg.connect(database, autocommit=True) as conn:
-        wait_until(lambda: sessions_of(conn, dead) == 0, timeout=10, step=0.005)
+        wait_until(lambda: not sessions_of(conn, dead), timeout=10, step=0.005)
     found.at_kill = tasks_at_the_kill(database, dead)
     assert found.at_kill.unclaimed, f"the kill left nothing to adopt {found.describe()}"
     assert found.at_kill.claimed, f"the kill left no claimed line {found.describe()}"
