@@ -5,6 +5,7 @@ and a process cut off from the database never writes a task it no longer owns.""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -17,7 +18,12 @@ import pytest
 
 from server.records import RequestRecord, TaskRecord
 from server.registry import Registry, StoreBusy
+from server.registry.claims import place_lines
+from server.registry.files import DataFiles
 from server.registry.postgres import PostgresStore
+from server.registry.recovery import recover_dead_owners
+from server.registry.store import Changes
+from server.status import TaskStatus
 from tests.helpers import ServerProcess, spawn_server, wait_until
 from tests.postgres import fresh_database
 from tests.registry_helpers import append
@@ -44,6 +50,46 @@ def one_task(request_id: str, line: str) -> RequestRecord:
         )
     )
     return request
+
+
+def two_tasks(request_id: str, label: str) -> RequestRecord:
+    """A notification's request: its `found query` task, then its `message to` task."""
+    request = RequestRecord(request_id, "POST", "/send-notification", time.time())
+    for seq, line in enumerate([f"found query: {label}\n", f"message to {label}@example.com\n"]):
+        request.tasks.append(
+            TaskRecord(
+                f"{request_id}-{seq + 1}",
+                request_id,
+                seq,
+                "log.txt",
+                line,
+                time.time(),
+                data=line.encode(),
+            )
+        )
+    return request
+
+
+async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
+    """What a `kill -9` between a claim's commit and its write leaves: the claim committed,
+    not a byte of its line written, the owner's sessions (and its lock) gone."""
+    files = DataFiles(registry.data_dir)
+    _, inode, size = files.lock(task.file)
+    try:
+        place_lines([task], inode, size)
+        await registry.store.commit(Changes(), [[task]])
+    finally:
+        files.close()
+    assert registry._watcher is not None
+    registry._watcher.cancel()
+    store = registry.store
+    assert isinstance(store, PostgresStore)
+    for conn in (store._conn, store._reader):
+        assert conn is not None
+        await conn.close()
+    registry._files.close()
+    assert registry._owner_fd is not None
+    os.close(registry._owner_fd)  # the kernel drops a killed process's owner lock
 
 
 def rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -79,6 +125,81 @@ def test_a_claim_drops_a_task_another_owner_adopted(database: str, tmp_path: Pat
     assert rows(database, "SELECT owner, status FROM bgtasks.tasks") == [("0000000b", "recovered")]
 
 
+def test_a_request_s_next_task_waits_for_its_line_claimed_in_a_dead_owner_s_directory(
+    database: str, tmp_path: Path
+) -> None:
+    """Owner a claims the first line of a request in its directory and dies before writing
+    it. Live b cannot see that directory: had it adopted the request's second task, it would
+    write it before the first line exists (the restart writes that one). The second task waits
+    with the first; a's directory, started again, writes both, in order."""
+    request = two_tasks("r1", "x")
+    ends: list[BaseException | None] = []
+
+    async def run() -> tuple[list[TaskRecord], list[TaskRecord]]:
+        a = pg_registry(database, tmp_path / "a", "0000000a")
+        b = pg_registry(database, tmp_path / "b", "0000000b")
+        await a.open()
+        await b.open()
+        await a.commit_intents(request)
+        await die_after_claiming(a, request.tasks[0])
+        for _ in range(500):  # its session ends a moment after its socket closes
+            if not await b.store.is_alive("0000000a"):
+                break
+            await asyncio.sleep(0.01)
+        assert not await b.store.is_alive("0000000a")
+        by_b = await recover_dead_owners(b.store, b._files, b._owners, b.owner, at_start=False)
+        for task in by_b:
+            b.submit(task, ends.append)
+        await b.flush()
+        again = pg_registry(database, tmp_path / "a", "0000000c")
+        by_restart = await again.open()
+        for task in by_restart:
+            again.submit(task, ends.append)
+        await again.flush()
+        await again.close()
+        await b.close()
+        return by_b, by_restart
+
+    by_b, by_restart = asyncio.run(run())
+    assert by_b == []
+    assert [task.id for task in by_restart] == ["r1-2"]
+    assert ends == [None]
+    assert not (tmp_path / "b" / "log.txt").exists()
+    in_order = b"found query: x\nmessage to x@example.com\n"
+    assert (tmp_path / "a" / "log.txt").read_bytes() == in_order
+    assert rows(database, "SELECT id, owner, status FROM bgtasks.tasks ORDER BY id") == [
+        ("r1-1", "0000000a", "recovered"),
+        ("r1-2", "0000000c", "recovered"),
+    ]
+
+
+def test_tasks_read_by_status_and_the_registry_still_takes_work(
+    database: str, tmp_path: Path
+) -> None:
+    """`GET /tasks?status=` on PostgreSQL: the filtered read has the rows of the unfiltered
+    one (owner and host too); a read that failed as a fault would stop all work."""
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        a = pg_registry(database, tmp_path / "a", "0000000a")
+        await a.open()
+        try:
+            first = one_task("r1", "x\n")
+            await a.commit_intents(first)
+            await append(a, first.tasks[0])
+            await a.flush()
+            done = await a.list_tasks(TaskStatus.DONE, 10)
+            every = await a.list_tasks(None, 10)
+            await a.commit_intents(one_task("r2", "y\n"))
+        finally:
+            await a.close()
+        return done, every
+
+    done, every = asyncio.run(run())
+    assert done == [row for row in every if row["status"] == "done"]
+    assert [(row["id"], row["owner"]) for row in done] == [("r1-1", "0000000a")]
+    assert done[0]["host"]
+
+
 def test_the_database_says_who_is_alive(database: str, tmp_path: Path) -> None:
     async def run() -> tuple[bool, bool, int]:
         a = pg_registry(database, tmp_path / "a", "0000000a")
@@ -92,6 +213,30 @@ def test_the_database_says_who_is_alive(database: str, tmp_path: Path) -> None:
         return *alive, both
 
     assert asyncio.run(run()) == (True, False, 2)
+
+
+def test_only_this_database_s_owners_are_alive(database: str, tmp_path: Path) -> None:
+    """Advisory locks are per database, but `pg_locks` shows every database's: an owner of
+    another registry on the same server (another deployment, another test) is not one of
+    this registry's."""
+
+    async def run() -> tuple[int, bool, bool]:
+        with fresh_database() as other:
+            elsewhere = pg_registry(other, tmp_path / "b", "0000000b")
+            await elsewhere.open()
+            here = pg_registry(database, tmp_path / "a", "0000000a")
+            await here.open()
+            try:
+                return (
+                    await here.store.live_owners(),
+                    await here.store.is_alive("0000000a"),
+                    await here.store.is_alive("0000000b"),
+                )
+            finally:
+                await here.close()
+                await elsewhere.close()
+
+    assert asyncio.run(run()) == (1, True, False)
 
 
 def test_one_owner_id_cannot_be_alive_twice(database: str, tmp_path: Path) -> None:

@@ -105,8 +105,10 @@ INSERT_FAILURES = (
     " %s::float8[], %s::text[]) ON CONFLICT DO NOTHING"
 )
 END_CLAIMS = "UPDATE bgtasks.claims SET ended = true WHERE claim = ANY(%s::bigint[])"
+# pg_locks shows the locks of every database on the server: only this one's owners count.
 LOCKS = (
     "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     " AND classid = %s::oid AND objsubid = 2"
 )
 
@@ -351,14 +353,20 @@ class PostgresStore:
 
     async def dead_owner_work(self, owner: str) -> DeadOwnerWork:
         """Its unfinished tasks claimed in this data directory or not at all (those claimed in
-        another wait for that directory), and its open claims here."""
+        another wait for that directory, and so do the later tasks of their requests: run
+        here, they would be written before a line that may not be there yet), and its open
+        claims here."""
         conn = self._read()
         with _translated("read", self.url):
             cursor = await conn.execute(
                 "SELECT t.* FROM bgtasks.tasks t LEFT JOIN bgtasks.claims c ON c.claim = t.claim"
                 f" WHERE t.owner = %s AND t.status IN ({_UNFINISHED})"
-                " AND (t.claim IS NULL OR c.data_dir = %s) ORDER BY t.pk",
-                (owner, self._here),
+                " AND (t.claim IS NULL OR c.data_dir = %s) AND NOT EXISTS (SELECT 1 FROM"
+                " bgtasks.tasks e LEFT JOIN bgtasks.claims ec ON ec.claim = e.claim"
+                " WHERE e.request_id = t.request_id AND e.seq < t.seq AND e.claim IS NOT NULL"
+                f" AND e.status IN ({_UNFINISHED}) AND ec.data_dir IS DISTINCT FROM %s)"
+                " ORDER BY t.pk",
+                (owner, self._here, self._here),
             )
             tasks = [_task_from_row(row) for row in await cursor.fetchall()]
             cursor = await conn.execute(
