@@ -124,16 +124,18 @@ def test_a_stream_resumes_after_a_drop_without_losing_or_repeating_an_event(
     first = httpx.post(f"{live.url}/send-notification/a@example.com").headers["x-request-id"]
     seen: list[Sse] = []
     beginning = {"Last-Event-ID": "0/0"} if live.app.state.settings.database_url is None else {}
-    with httpx.Client(timeout=httpx.Timeout(10, read=10)) as client:
-        with client.stream("GET", f"{live.url}/events", headers=beginning) as response:
-            if not beginning:  # PostgreSQL's log starts from now: make the request after
-                first = httpx.post(f"{live.url}/send-notification/a@example.com").headers[
-                    "x-request-id"
-                ]
-            for event in read_events(response):
-                seen.append(event)
-                if event.event == "task_done" and event.data["request_id"] == first:
-                    break  # the connection drops here ...
+    url = f"{live.url}/events"
+    with (
+        httpx.Client(timeout=httpx.Timeout(10, read=10)) as client,
+        client.stream("GET", url, headers=beginning) as response,
+    ):
+        if not beginning:  # PostgreSQL's log starts from now: make the request after
+            path = f"{live.url}/send-notification/a@example.com"
+            first = httpx.post(path).headers["x-request-id"]
+        for event in read_events(response):
+            seen.append(event)
+            if event.event == "task_done" and event.data["request_id"] == first:
+                break  # the connection drops here ...
     missed = [  # ... while more is committed
         httpx.post(f"{live.url}/send-notification/u{n}@example.com").headers["x-request-id"]
         for n in range(3)

@@ -77,7 +77,7 @@ async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
     _, inode, size = files.lock(task.file)
     try:
         place_lines([task], inode, size)
-        await registry.store.commit(Changes(), [[task]])
+        await registry.store.commit(Changes(), [[task]], [])
     finally:
         files.close()
     assert registry._watcher is not None
@@ -147,7 +147,9 @@ def test_a_request_s_next_task_waits_for_its_line_claimed_in_a_dead_owner_s_dire
                 break
             await asyncio.sleep(0.01)
         assert not await b.store.is_alive("0000000a")
-        by_b = await recover_dead_owners(b.store, b._files, b._owners, b.owner, at_start=False)
+        _, by_b = await recover_dead_owners(
+            b.store, b._files, b._owners, b.owner, at_start=False
+        )
         for task in by_b:
             b.submit(task, ends.append)
         await b.flush()
@@ -265,7 +267,7 @@ def test_a_lost_connection_is_made_again_and_the_owner_lock_taken_again(
         )
         request = one_task("r1", "x\n")
         with pytest.raises(StoreBusy):  # the commit that finds the connection gone fails ...
-            await a.store.commit(type(a._commits.next.changes)(intents=[request]), [])
+            await a.store.commit(Changes(intents=[request]), [], [])
         await a.commit_intents(request)  # ... and the next one connects again
         await append(a, request.tasks[0])
         alive = await a.store.is_alive("0000000a")

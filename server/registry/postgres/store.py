@@ -15,122 +15,27 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row
-from psycopg.types.array import ListBinaryDumper
-from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from server.records import RequestRecord, TaskRecord, new_request_id
 from server.registry.claims import Claim
 from server.registry.events import Event, encode
 from server.registry.owners import data_dir_id
-from server.registry.postgres import queries
+from server.registry.postgres import queries, recovery
+from server.registry.postgres import statements as sql
+from server.registry.postgres.connection import LOCKS, connect, lock_key, translated
 from server.registry.postgres.schema import NAMESPACE, create_or_migrate
 from server.registry.store import Changes, DeadOwnerWork, StoreBusy, StoreFault
 from server.status import UNFINISHED, TaskStatus
 
 PRUNE_EVERY = 500
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
-# A host that loses its network sends nothing: its sessions end, and its lock is freed, only
-# once TCP keepalives fail. These make that about 11 s on both sides, not two hours. A plan
-# made for tables while they were small would stay cached for the connection's whole life
-# (scanning whole tables as they grow): every execution is planned for the tables as they are.
-SESSION = (
-    "keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3"
-    " options='-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
-    " -c tcp_keepalives_count=3 -c synchronous_commit=on -c plan_cache_mode=force_custom_plan'"
-)
-
-INSERT_REQUESTS = (
-    "INSERT INTO bgtasks.requests (id, method, path, received_at, status_code, accepted)"
-    " SELECT *, true FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::int[])"
-)
-# A client-chosen id that an accepted request already has stays that request's.
-INSERT_CHOSEN_REQUESTS = (
-    INSERT_REQUESTS + " ON CONFLICT (id) DO UPDATE SET method = excluded.method, path ="
-    " excluded.path, received_at = excluded.received_at, response_sent_at = NULL,"
-    " status_code = excluded.status_code, accepted = true WHERE NOT bgtasks.requests.accepted"
-    " RETURNING id"
-)
-INSERT_TASKS = (
-    "INSERT INTO bgtasks.tasks (id, request_id, seq, owner, file, line, status, queued_at)"
-    " SELECT id, request_id, seq, %s, file, line, 'queued', queued_at FROM unnest(%s::text[],"
-    " %s::text[], %s::int[], %s::text[], %s::text[], %s::float8[])"
-    " AS u(id, request_id, seq, file, line, queued_at) RETURNING id, pk"
-)
-MARK_SENT = (
-    "UPDATE bgtasks.requests AS r SET response_sent_at = u.sent, status_code = u.code"
-    " FROM unnest(%s::text[], %s::float8[], %s::int[]) AS u(id, sent, code) WHERE r.id = u.id"
-)
-# Recorded whole, in place of an earlier request with the same id only if that one was not
-# accepted either.
-RECORD_REQUESTS = (
-    "INSERT INTO bgtasks.requests (id, method, path, received_at, response_sent_at, status_code)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[],"
-    " %s::int[]) ON CONFLICT (id) DO UPDATE SET method = excluded.method, path = excluded.path,"
-    " received_at = excluded.received_at, response_sent_at = excluded.response_sent_at,"
-    " status_code = excluded.status_code WHERE NOT bgtasks.requests.accepted"
-)
-# Rules 2, 3 and 13 in one statement: number a claim, take each task that `owner` still owns
-# and that has no claim yet, and record the claim with those tasks only, in the order given.
-CLAIM = (
-    "WITH n AS (SELECT nextval('bgtasks.claim_numbers') AS claim),"
-    " owned AS (UPDATE bgtasks.tasks AS t SET claim = n.claim FROM n"
-    f" WHERE t.pk = ANY(%(keys)s::bigint[]) AND t.owner = %(owner)s AND t.status IN ({_UNFINISHED})"
-    " AND t.claim IS NULL RETURNING t.pk)"
-    " INSERT INTO bgtasks.claims (claim, owner, data_dir, file, inode, start, tasks)"
-    " SELECT n.claim, %(owner)s, %(here)s, %(file)s, %(inode)s, %(start)s,"
-    " ARRAY(SELECT k FROM unnest(%(keys)s::bigint[]) WITH ORDINALITY AS u(k, i)"
-    " WHERE k IN (SELECT pk FROM owned) ORDER BY i) FROM n RETURNING claim, tasks"
-)
-# Only this owner's, and never over a cancellation: a task another process adopted, or an
-# operator cancelled, is no longer this one's to note. A failed attempt leaves nothing of its
-# line in the file: its claim is let go.
-UPDATE_TASKS = (
-    "UPDATE bgtasks.tasks AS t SET status = u.status, started_at = u.started, finished_at ="
-    " u.finished, last_error = u.error, attempts = u.attempts, next_attempt_at = u.next,"
-    " claim = CASE WHEN u.status IN ('queued', 'retrying') THEN NULL ELSE t.claim END"
-    " FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::float8[], %s::text[],"
-    " %s::int[], %s::float8[]) AS u(pk, status, started, finished, error, attempts, next)"
-    " WHERE t.pk = u.pk AND t.owner = %s AND t.status <> 'cancelled'"
-)
-INSERT_FAILURES = (
-    "INSERT INTO bgtasks.failures SELECT * FROM unnest(%s::bigint[], %s::int[], %s::float8[],"
-    " %s::float8[], %s::text[]) ON CONFLICT DO NOTHING"
-)
-END_CLAIMS = "UPDATE bgtasks.claims SET ended = true WHERE claim = ANY(%s::bigint[])"
-# pg_locks shows the locks of every database on the server: only this one's owners count.
-LOCKS = (
-    "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    " AND classid = %s::oid AND objsubid = 2"
-)
-
-
-def lock_key(owner: str) -> int:
-    """The second key of an owner's advisory lock: its 8 hex digits, as a signed int4."""
-    value = int(owner, 16)
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-async def connect(url: str, name: str, **kwargs: Any) -> AsyncConnection[Any]:
-    """A connection with the session settings every registry connection needs; `name` is
-    what `pg_stat_activity.application_name` shows of it."""
-    settings = psycopg.conninfo.conninfo_to_dict(SESSION)
-    conninfo = psycopg.conninfo.make_conninfo(url, application_name=name, **settings)
-    conn: AsyncConnection[Any] = await AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
-    # Every int as a bigint, so a statement's parameter types (and its prepared plan) stay the
-    # same as keys grow; lists as binary arrays (the text form quotes each element in Python).
-    conn.adapters.register_dumper(int, Int8Dumper)
-    conn.adapters.register_dumper(int, Int8BinaryDumper)
-    conn.adapters.register_dumper(list, ListBinaryDumper)
-    return conn
 
 
 class PostgresStore:
@@ -148,7 +53,6 @@ class PostgresStore:
         self._conn: AsyncConnection[Any] | None = None
         self._reader: AsyncConnection[Any] | None = None
         self._lock_held = False
-        self._registered = False
         self._writing = asyncio.Lock()  # one transaction at a time on the commit connection
         self._since_prune = 0
         self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
@@ -158,7 +62,7 @@ class PostgresStore:
     async def open(self, owner: str) -> None:
         self.owner = owner
         self._here = data_dir_id(self.data_dir)
-        with _translated("open", self.url):
+        with translated("open", self.url):
             conn = await self._connected()
             await create_or_migrate(conn)
             if not self._lock_held:
@@ -167,17 +71,11 @@ class PostgresStore:
                 "INSERT INTO bgtasks.owners VALUES (%s, %s, %s, %s, %s)",
                 (owner, socket.gethostname(), os.getpid(), self._here, time.time()),
             )
-            self._registered = True
             self._reader = await connect(self.url, f"bgtasks {owner} reads", row_factory=dict_row)
 
     async def close(self) -> None:
-        with _translated("close", self.url):
-            if self._registered and self._conn is not None and not self._conn.broken:
-                async with self._writing:
-                    await self._conn.execute(
-                        "DELETE FROM bgtasks.owners WHERE owner = %s", (self.owner,)
-                    )
-        self._registered = False
+        # The owner's row stays, so that its tasks still show its host; its lock goes with
+        # its session.
         for conn in (self._conn, self._reader):
             if conn is not None:
                 await conn.close()
@@ -204,7 +102,7 @@ class PostgresStore:
     async def commit(
         self, changes: Changes, claims: Sequence[Sequence[TaskRecord]], events: Sequence[Event]
     ) -> list[Claim]:
-        with _translated("commit", self.url):
+        with translated("commit", self.url):
             async with self._writing:
                 conn = await self._connected()
                 async with conn.pipeline():  # one implicit transaction, up to the Sync
@@ -225,15 +123,15 @@ class PostgresStore:
                             )
                             for t in changes.tasks.values()
                         ]
-                        await conn.execute(UPDATE_TASKS, (*_columns(rows, 7), self.owner))
+                        await conn.execute(sql.UPDATE_TASKS, (*sql.columns(rows, 7), self.owner))
                     if changes.failures:
                         failures = [
                             (f.task, f.attempt, f.started_at, f.failed_at, f.error)
                             for f in changes.failures
                         ]
-                        await conn.execute(INSERT_FAILURES, _columns(failures, 5))
+                        await conn.execute(sql.INSERT_FAILURES, sql.columns(failures, 5))
                     if changes.ended_claims:
-                        await conn.execute(END_CLAIMS, (changes.ended_claims,))
+                        await conn.execute(sql.END_CLAIMS, (changes.ended_claims,))
                     if events:
                         await conn.execute(
                             "INSERT INTO bgtasks.events (at, body) VALUES (%s, %s)",
@@ -265,21 +163,21 @@ class PostgresStore:
             # A client-chosen id an accepted request has (on any host, even at this moment)
             # is replaced by a fresh one. Reading the answer flushes the pipeline: the
             # transaction goes on.
-            cursor = await conn.execute(INSERT_CHOSEN_REQUESTS, _request_columns(chosen))
+            cursor = await conn.execute(sql.INSERT_CHOSEN_REQUESTS, sql.request_columns(chosen))
             kept = {row[0] for row in await cursor.fetchall()}
             taken = [r for r in chosen if r.id not in kept]
             for request in taken:
                 request.rename(new_request_id())
             chosen = taken
         if fresh:
-            await conn.execute(INSERT_REQUESTS, _request_columns(fresh))
+            await conn.execute(sql.INSERT_REQUESTS, sql.request_columns(fresh))
         tasks = [t for r in intents for t in r.tasks]
         cursor = conn.cursor()
         await cursor.execute(
-            INSERT_TASKS,
+            sql.INSERT_TASKS,
             (
                 self.owner,
-                *_columns(
+                *sql.columns(
                     [(t.id, t.request_id, t.seq, t.file, t.line, t.queued_at) for t in tasks], 6
                 ),
             ),
@@ -297,9 +195,9 @@ class PostgresStore:
             if not r.accepted
         ]
         if sent:
-            await conn.execute(MARK_SENT, _columns(sent, 3))
+            await conn.execute(sql.MARK_SENT, sql.columns(sent, 3))
         if other:
-            await conn.execute(RECORD_REQUESTS, _columns(other, 6))
+            await conn.execute(sql.RECORD_REQUESTS, sql.columns(other, 6))
 
     async def _claim(
         self, conn: AsyncConnection[Any], owner: str, tasks: Sequence[TaskRecord]
@@ -307,7 +205,7 @@ class PostgresStore:
         first = tasks[0]
         cursor = conn.cursor()
         await cursor.execute(
-            CLAIM,
+            sql.CLAIM,
             {
                 "keys": [task.pk for task in tasks],
                 "owner": owner,
@@ -331,7 +229,7 @@ class PostgresStore:
     # -- recovery --------------------------------------------------------------------------
 
     async def is_alive(self, owner: str) -> bool:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             cursor = await self._read().execute(
                 LOCKS + " AND objid = %s::oid", (NAMESPACE, int(owner, 16))
             )
@@ -339,57 +237,24 @@ class PostgresStore:
         return bool(row and row["n"])
 
     async def live_owners(self) -> int:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             cursor = await self._read().execute(LOCKS, (NAMESPACE,))
             row = await cursor.fetchone()
         return int(row["n"]) if row else 0
 
     async def owners_with_unfinished_tasks(self) -> set[str]:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             cursor = await self._read().execute(
                 f"SELECT DISTINCT owner FROM bgtasks.tasks WHERE status IN ({_UNFINISHED})"
             )
             return {row["owner"] for row in await cursor.fetchall()}
 
     async def dead_owner_work(self, owner: str) -> DeadOwnerWork:
-        """Its unfinished tasks claimed in this data directory or not at all (those claimed in
-        another wait for that directory, and so do the later tasks of their requests: run
-        here, they would be written before a line that may not be there yet), and its open
-        claims here."""
-        conn = self._read()
-        with _translated("read", self.url):
-            cursor = await conn.execute(
-                "SELECT t.* FROM bgtasks.tasks t LEFT JOIN bgtasks.claims c ON c.claim = t.claim"
-                f" WHERE t.owner = %s AND t.status IN ({_UNFINISHED})"
-                " AND (t.claim IS NULL OR c.data_dir = %s) AND NOT EXISTS (SELECT 1 FROM"
-                " bgtasks.tasks e LEFT JOIN bgtasks.claims ec ON ec.claim = e.claim"
-                " WHERE e.request_id = t.request_id AND e.seq < t.seq AND e.claim IS NOT NULL"
-                f" AND e.status IN ({_UNFINISHED}) AND ec.data_dir IS DISTINCT FROM %s)"
-                " ORDER BY t.pk",
-                (owner, self._here, self._here),
-            )
-            tasks = [_task_from_row(row) for row in await cursor.fetchall()]
-            cursor = await conn.execute(
-                "SELECT claim, file, inode, start, tasks FROM bgtasks.claims"
-                " WHERE owner = %s AND data_dir = %s AND NOT ended ORDER BY claim",
-                (owner, self._here),
-            )
-            claims = [
-                Claim(r["claim"], owner, r["file"], r["inode"], r["start"], tuple(r["tasks"]))
-                for r in await cursor.fetchall()
-            ]
-            unfinished = {task.pk for task in tasks}
-            wanted = sorted({key for claim in claims for key in claim.keys} - unfinished)
-            cursor = await conn.execute(
-                "SELECT pk, octet_length(line) AS n FROM bgtasks.tasks"
-                " WHERE pk = ANY(%s::bigint[]) AND owner = %s",
-                (wanted, owner),
-            )
-            ended_lengths = {row["pk"]: row["n"] for row in await cursor.fetchall()}
-        return DeadOwnerWork(tasks, claims, ended_lengths)
+        with translated("read", self.url):
+            return await recovery.dead_owner_work(self._read(), owner, self._here)
 
     async def earliest_later_start(self, claim: Claim) -> int | None:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             cursor = await self._read().execute(
                 "SELECT min(start) AS start FROM bgtasks.claims WHERE data_dir = %s"
                 " AND file = %s AND inode = %s AND claim > %s",
@@ -449,47 +314,28 @@ class PostgresStore:
         if row is None:
             return None
         names = [column.name for column in cursor.description or ()]
-        return _task_from_row(dict(zip(names, row, strict=True)))
+        return recovery.task_from_row(dict(zip(names, row, strict=True)))
 
     async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
         async with self._transaction() as conn:
-            if tasks:
-                rows = [(t.pk, t.status.value, t.finished_at, t.last_error) for t in tasks]
-                await conn.execute(
-                    "UPDATE bgtasks.tasks AS t SET status = u.status, finished_at = u.finished,"
-                    " last_error = u.error FROM unnest(%s::bigint[], %s::text[], %s::float8[],"
-                    " %s::text[]) AS u(pk, status, finished, error) WHERE t.pk = u.pk",
-                    _columns(rows, 4),
-                )
-            await conn.execute(
-                "UPDATE bgtasks.claims SET ended = true WHERE owner = %s AND data_dir = %s"
-                " AND NOT ended",
-                (owner, self._here),
-            )
-            cursor = await conn.execute(
-                f"SELECT 1 FROM bgtasks.tasks WHERE owner = %s AND status IN ({_UNFINISHED})"
-                " LIMIT 1",
-                (owner,),
-            )
-            if await cursor.fetchone() is None:  # nothing of it is left anywhere
-                await conn.execute("DELETE FROM bgtasks.owners WHERE owner = %s", (owner,))
+            await recovery.end_recovery(conn, owner, self._here, tasks)
 
     # -- reads -----------------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             return await queries.get_task(self._read(), task_id)
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             return await queries.get_request(self._read(), request_id)
 
     async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             return await queries.list_tasks(self._read(), status, limit)
 
     async def count_unfinished(self) -> int:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             return await queries.count_unfinished(self._read())
 
     # Transactions of several processes commit in any order, so the log is read in the order
@@ -497,7 +343,7 @@ class PostgresStore:
     # can sort before what a stream has read.
 
     async def last_event_commit(self) -> str:
-        with _translated("read", self.url):
+        with translated("read", self.url):
             cursor = await self._read().execute(
                 "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1)::text AS x"
             )
@@ -509,7 +355,7 @@ class PostgresStore:
     ) -> list[tuple[str, str]]:
         txid, _, after = cursor.partition(".")
         start = int(after or 0) - (1 if inclusive else 0)
-        with _translated("read", self.url):
+        with translated("read", self.url):
             found = await self._read().execute(
                 "SELECT txid::text || '.' || id AS cursor, body FROM bgtasks.events"
                 " WHERE (txid, id) > (%s::text::xid8, %s)"
@@ -527,66 +373,8 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
-        with _translated("recovery", self.url):
+        with translated("recovery", self.url):
             async with self._writing:
                 conn = await self._connected()
                 async with conn.transaction():
                     yield conn
-
-
-def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as columns, one list per column (what `unnest` takes)."""
-    if not rows:
-        return [[] for _ in range(width)]
-    return [list(column) for column in zip(*rows, strict=True)]
-
-
-def _request_columns(requests: Sequence[RequestRecord]) -> list[list[Any]]:
-    return _columns([(r.id, r.method, r.path, r.received_at, r.status_code) for r in requests], 5)
-
-
-# What says the database cannot hold the registry as it is: read-only, not allowed, damaged,
-# or its tables gone. Anything else may pass (a lost connection, a deadlock, a full disk) or is
-# one statement's trouble, not the store's: the commit is retried, then its work refused.
-_FAULTS = (
-    psycopg.errors.ReadOnlySqlTransaction,
-    psycopg.errors.InsufficientPrivilege,
-    psycopg.errors.DataCorrupted,
-    psycopg.errors.IndexCorrupted,
-    psycopg.errors.InvalidSchemaName,
-    psycopg.errors.InvalidCatalogName,
-)
-
-
-@contextmanager
-def _translated(what: str, url: str) -> Iterator[None]:
-    """psycopg's errors as the registry's: StoreFault when the database cannot hold the
-    registry, StoreBusy for anything that may pass."""
-    try:
-        yield
-    except _FAULTS as exc:
-        raise StoreFault(f"task registry unusable ({what}): {_one_line(exc)}") from exc
-    except psycopg.Error as exc:
-        raise StoreBusy(f"task registry unavailable ({what}): {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _task_from_row(row: dict[str, Any]) -> TaskRecord:
-    return TaskRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        seq=row["seq"],
-        file=row["file"],
-        line=row["line"],
-        queued_at=row["queued_at"],
-        status=TaskStatus(row["status"]),
-        started_at=row["started_at"],
-        last_error=row["last_error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        data=row["line"].encode(),
-        pk=row["pk"],
-    )

@@ -69,3 +69,19 @@ def list_tasks(
 def count_unfinished(conn: sqlite3.Connection) -> int:
     row = conn.execute(f"SELECT count(*) FROM tasks WHERE status IN ({_UNFINISHED})").fetchone()
     return int(row[0])
+
+
+def last_event_commit(conn: sqlite3.Connection) -> str:
+    return str(conn.execute("SELECT coalesce(max(commit_number), 0) FROM events").fetchone()[0])
+
+
+def events_after(
+    conn: sqlite3.Connection, cursor: str, limit: int, *, inclusive: bool
+) -> list[tuple[str, str]]:
+    first = int(cursor) if inclusive else int(cursor) + 1
+    rows = conn.execute(
+        "SELECT commit_number, body FROM events WHERE commit_number >= ?"
+        " ORDER BY commit_number LIMIT ?",
+        (first, limit),
+    )
+    return [(str(number), body) for number, body in rows]

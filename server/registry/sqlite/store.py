@@ -9,33 +9,32 @@ thread of its own copies the WAL back into the database (`Checkpointer`).
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from server.paths import registry_path
-from server.records import RequestRecord, TaskRecord, new_request_id
+from server.records import TaskRecord
 from server.registry.claims import Claim
 from server.registry.events import Event, encode
 from server.registry.owners import OwnerLocks
-from server.registry.sqlite import queries
+from server.registry.sqlite import commit as sql
+from server.registry.sqlite import queries, recovery
 from server.registry.sqlite.checkpoint import Checkpointer
 from server.registry.sqlite.prune import prune
 from server.registry.sqlite.schema import check_registry, connect, create_or_migrate, is_fault
 from server.registry.store import Changes, DeadOwnerWork, StoreBusy, StoreFault
-from server.status import UNFINISHED, TaskStatus
+from server.status import TaskStatus
 
 # The write connection runs on the event loop, so it never waits long for another process's
 # lock at once: the group commit retries a busy registry until its lock timeout runs out.
 BUSY_WAIT_S = 0.05
 RETRY_S = 0.05
 PRUNE_EVERY = 500
-_UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
 
 
 class SqliteStore:
@@ -92,15 +91,15 @@ class SqliteStore:
     ) -> list[Claim]:
         conn = self._writer()
         with self._translated():
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")  # waits at most BUSY_WAIT_S: the caller retries
             try:
                 if changes.intents:
-                    self._insert_intents(conn, changes.intents)
+                    sql.insert_intents(conn, self.owner, changes.intents)
                 if changes.requests:
-                    self._record_requests(conn, changes.requests.values())
-                made = self._claim(conn, self.owner, claims) if claims else []
+                    sql.record_requests(conn, changes.requests.values())
+                made = sql.claim(conn, self.owner, claims) if claims else []
                 if changes.tasks:
-                    _update_tasks(conn, changes.tasks.values())
+                    sql.update_tasks(conn, changes.tasks.values())
                 if changes.ended_claims:
                     # Rule 5: a claim ends in the commit of its tasks' ends.
                     conn.executemany(
@@ -130,161 +129,7 @@ class SqliteStore:
                 raise
         return made
 
-    def _insert_intents(self, conn: sqlite3.Connection, intents: list[RequestRecord]) -> None:
-        # A client may choose its request's id; one an accepted request already has (or
-        # another intent of this batch) is replaced by a fresh one, so that no accepted
-        # request is ever hidden by a later one.
-        chosen = [request.id for request in intents if request.id_from_client]
-        if chosen:
-            marks = ", ".join("?" * len(chosen))
-            taken = {
-                row[0]
-                for row in conn.execute(
-                    f"SELECT id FROM requests WHERE first_task IS NOT NULL AND id IN ({marks})",
-                    chosen,
-                )
-            }
-            for request in intents:
-                if request.id in taken:
-                    request.rename(new_request_id())
-                taken.add(request.id)
-        # Keys are given here, not by SQLite, so that later updates find each row by its key
-        # and a request's tasks are the keys first_task..last_task; the write lock is held, so
-        # no other process takes the same ones.
-        last = conn.execute("SELECT coalesce(max(pk), 0) FROM tasks").fetchone()[0]
-        for pk, task in enumerate((t for r in intents for t in r.tasks), start=last + 1):
-            task.pk = pk
-        conn.executemany(
-            # Sent at: not yet, the response waits for this commit.
-            "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
-            [
-                (
-                    r.id,
-                    r.method,
-                    r.path,
-                    r.received_at,
-                    r.status_code,
-                    r.tasks[0].pk,
-                    r.tasks[-1].pk,
-                )
-                for r in intents
-            ],
-        )
-        conn.executemany(
-            "INSERT INTO tasks (pk, id, request_id, seq, owner, file, line, status, queued_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-            [
-                (t.pk, t.id, t.request_id, t.seq, self.owner, t.file, t.line, t.queued_at)
-                for r in intents
-                for t in r.tasks
-            ],
-        )
-
-    @staticmethod
-    def _record_requests(conn: sqlite3.Connection, requests: Iterable[RequestRecord]) -> None:
-        sent: list[tuple[Any, ...]] = []
-        other: list[tuple[Any, ...]] = []
-        for r in requests:
-            if r.accepted:  # it has had its row since its intents
-                sent.append((r.response_sent_at, r.status_code, r.id))
-            else:
-                other.append(
-                    (r.id, r.method, r.path, r.received_at, r.response_sent_at, r.status_code)
-                )
-        if sent:
-            conn.executemany(
-                "UPDATE requests SET response_sent_at = ?, status_code = ? WHERE id = ?", sent
-            )
-        if other:
-            # Recorded whole, in place of an earlier request with the same id only if that one
-            # was not accepted either.
-            conn.executemany(
-                "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)"
-                " ON CONFLICT (id) DO UPDATE SET method = excluded.method, path = excluded.path,"
-                " received_at = excluded.received_at, response_sent_at ="
-                " excluded.response_sent_at, status_code = excluded.status_code"
-                " WHERE requests.first_task IS NULL",
-                other,
-            )
-
-    @staticmethod
-    def _claim(
-        conn: sqlite3.Connection, owner: str, claims: Sequence[Sequence[TaskRecord]]
-    ) -> list[Claim]:
-        """Rules 2, 3 and 13: a claims row per list of lines, numbered in the order claims are
-        made, leaving out any task cancelled meanwhile (a claim left with none is not made:
-        number 0). An owner's tasks change hands only once it is dead, so no other is left
-        out."""
-        keys = [task.pk for tasks in claims for task in tasks]
-        marks = ", ".join("?" * len(keys))
-        cancelled = {
-            row[0]
-            for row in conn.execute(
-                f"SELECT pk FROM tasks WHERE pk IN ({marks}) AND status = 'cancelled'", keys
-            )
-        }
-        made: list[Claim] = []
-        number = conn.execute("SELECT coalesce(max(claim), 0) FROM claims").fetchone()[0]
-        for tasks in claims:
-            kept = tuple(task.pk or 0 for task in tasks if task.pk not in cancelled)
-            first = tasks[0]
-            if kept:
-                number += 1
-            made.append(
-                Claim(
-                    number if kept else 0,
-                    owner,
-                    first.file,
-                    first.inode or 0,
-                    first.offset or 0,
-                    kept,
-                )
-            )
-        conn.executemany(
-            "INSERT INTO claims VALUES (?, ?, ?, ?, ?, ?, 0)",
-            [(c.number, c.owner, c.file, c.inode, c.start, _json(c.keys)) for c in made if c.keys],
-        )
-        return made
-
-    # -- operators ------------------------------------------------------------------------
-
-    async def cancel(self, task_id: str, at: float) -> bool:
-        conn = self._writer()
-        with self._translated():
-            await self._begin(conn)
-            try:
-                cursor = conn.execute(
-                    "UPDATE tasks SET status = 'cancelled', finished_at = ?, next_attempt_at = NULL"
-                    f" WHERE id = ? AND status IN ({_UNFINISHED}) AND pk NOT IN (SELECT j.value"
-                    " FROM claims, json_each(claims.tasks) AS j WHERE NOT claims.ended)",
-                    (at, task_id),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return cursor.rowcount > 0
-
-    async def requeue(self, task_id: str, owner: str) -> TaskRecord | None:
-        conn = self._writer()
-        with self._translated():
-            await self._begin(conn)
-            try:
-                row = conn.execute(
-                    "UPDATE tasks SET status = 'queued', owner = ?, attempts = 0,"
-                    " next_attempt_at = NULL, started_at = NULL, finished_at = NULL"
-                    " WHERE id = ? AND status = 'failed' RETURNING *",
-                    (owner, task_id),
-                ).fetchone()
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return None if row is None else _task_from_row(row)
-
-    # -- recovery --------------------------------------------------------------------------
+    # -- recovery and operators ------------------------------------------------------------
 
     async def is_alive(self, owner: str) -> bool:
         # Every owner of a SQLite registry runs on its data directory, and shows it is alive
@@ -295,84 +140,25 @@ class SqliteStore:
         return OwnerLocks(self.data_dir).alive()
 
     async def owners_with_unfinished_tasks(self) -> set[str]:
-        conn = self._writer()
         with self._translated():
-            rows = conn.execute(f"SELECT DISTINCT owner FROM tasks WHERE status IN ({_UNFINISHED})")
-            return {row[0] for row in rows}
+            return recovery.owners_with_unfinished_tasks(self._writer())
 
     async def dead_owner_work(self, owner: str) -> DeadOwnerWork:
-        conn = self._writer()
         with self._translated():
-            rows = conn.execute(
-                f"SELECT * FROM tasks WHERE owner = ? AND status IN ({_UNFINISHED}) ORDER BY pk",
-                (owner,),
-            ).fetchall()
-            claims = [
-                Claim(row[0], owner, row[1], row[2], row[3], tuple(json.loads(row[4])))
-                for row in conn.execute(
-                    "SELECT claim, file, inode, start, tasks FROM claims"
-                    " WHERE owner = ? AND NOT ended ORDER BY claim",
-                    (owner,),
-                )
-            ]
-            tasks = [_task_from_row(row) for row in rows]
-            unfinished = {task.pk for task in tasks}
-            ended_lengths: dict[int, int] = {}
-            for claim in claims:
-                for key in claim.keys:
-                    if key in unfinished or key in ended_lengths:
-                        continue
-                    row = conn.execute(
-                        "SELECT line FROM tasks WHERE pk = ? AND owner = ? AND file = ?",
-                        (key, owner, claim.file),
-                    ).fetchone()
-                    if row is not None:
-                        ended_lengths[key] = len(row[0].encode())
-        return DeadOwnerWork(tasks, claims, ended_lengths)
+            return recovery.dead_owner_work(self._writer(), owner)
 
     async def earliest_later_start(self, claim: Claim) -> int | None:
-        conn = self._writer()
         with self._translated():
-            row = conn.execute(
-                "SELECT min(start) FROM claims WHERE file = ? AND inode = ? AND claim > ?",
-                (claim.file, claim.inode, claim.number),
-            ).fetchone()
-        return None if row[0] is None else int(row[0])
+            return recovery.earliest_later_start(self._writer(), claim)
 
     async def claim_for(self, owner: str, tasks: Sequence[TaskRecord]) -> Claim:
-        conn = self._writer()
-        with self._translated():
-            await self._begin(conn)
-            try:
-                (claim,) = self._claim(conn, owner, [tasks])
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return claim
+        async with self._transaction() as conn:
+            (made,) = sql.claim(conn, owner, [tasks])
+        return made
 
     async def adopt(self, tasks: Sequence[TaskRecord], dead: str, owner: str) -> list[TaskRecord]:
-        conn = self._writer()
-        moved: list[TaskRecord] = []
-        with self._translated():
-            await self._begin(conn)
-            try:
-                for task in tasks:
-                    # A retrying task keeps its attempts and when its next one is due.
-                    cursor = conn.execute(
-                        "UPDATE tasks SET owner = ?, started_at = NULL, status = CASE status"
-                        " WHEN 'retrying' THEN 'retrying' ELSE 'queued' END"
-                        f" WHERE pk = ? AND owner = ? AND status IN ({_UNFINISHED})",
-                        (owner, task.pk, dead),
-                    )
-                    if cursor.rowcount:
-                        moved.append(task)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        async with self._transaction() as conn:
+            moved = recovery.adopt(conn, tasks, dead, owner)
         for task in moved:
             if task.status is not TaskStatus.RETRYING:
                 task.status = TaskStatus.QUEUED
@@ -380,20 +166,16 @@ class SqliteStore:
         return moved
 
     async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
-        conn = self._writer()
-        with self._translated():
-            await self._begin(conn)
-            try:
-                conn.executemany(
-                    "UPDATE tasks SET status = ?, finished_at = ?, last_error = ? WHERE pk = ?",
-                    [(t.status.value, t.finished_at, t.last_error, t.pk) for t in tasks],
-                )
-                conn.execute("UPDATE claims SET ended = 1 WHERE owner = ? AND NOT ended", (owner,))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        async with self._transaction() as conn:
+            recovery.end_recovery(conn, owner, tasks)
+
+    async def cancel(self, task_id: str, at: float) -> bool:
+        async with self._transaction() as conn:
+            return recovery.cancel(conn, task_id, at)
+
+    async def requeue(self, task_id: str, owner: str) -> TaskRecord | None:
+        async with self._transaction() as conn:
+            return recovery.requeue(conn, task_id, owner)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -425,20 +207,13 @@ class SqliteStore:
 
     async def last_event_commit(self) -> str:
         with self._translated():
-            row = self._read().execute("SELECT coalesce(max(commit_number), 0) FROM events")
-            return str(row.fetchone()[0])
+            return queries.last_event_commit(self._read())
 
     async def events_after(
         self, cursor: str, limit: int, *, inclusive: bool = False
     ) -> list[tuple[str, str]]:
-        first = int(cursor) if inclusive else int(cursor) + 1
         with self._translated():
-            rows = self._read().execute(
-                "SELECT commit_number, body FROM events WHERE commit_number >= ?"
-                " ORDER BY commit_number LIMIT ?",
-                (first, limit),
-            )
-            return [(str(number), body) for number, body in rows]
+            return queries.events_after(self._read(), cursor, limit, inclusive=inclusive)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -452,18 +227,29 @@ class SqliteStore:
             raise StoreFault("the task registry is not open")
         return self._reader
 
-    async def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, retried without blocking the loop while another process holds the
-        write lock, for up to the lock timeout (recovery's transactions)."""
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[sqlite3.Connection]:
+        """One transaction of recovery's or an operator's. Its BEGIN IMMEDIATE is retried
+        without blocking the loop while another process holds the write lock, for up to the
+        lock timeout."""
+        conn = self._writer()
+        with self._translated():
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if is_fault(exc) or time.monotonic() >= deadline:
+                        raise
+                await asyncio.sleep(RETRY_S)
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if is_fault(exc) or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(RETRY_S)
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -475,76 +261,3 @@ class SqliteStore:
             if is_fault(exc):
                 raise StoreFault(f"task registry {self._path} is unusable: {exc}") from exc
             raise StoreBusy(f"task registry unavailable: {exc}") from exc
-
-
-def _update_tasks(conn: sqlite3.Connection, tasks: Iterable[TaskRecord]) -> None:
-    """Store each task's state, never over a cancellation. The lines of one claim end together
-    and mostly have keys that follow each other, so `done` is one statement per run of
-    consecutive keys with the same times (docs/performance.md: ~1% of a notify request's
-    instructions)."""
-    runs: list[list[Any]] = []  # [started_at, finished_at, attempts, first key, last key]
-    other: list[tuple[Any, ...]] = []
-    for t in tasks:
-        if t.status is TaskStatus.DONE and t.pk is not None:
-            run = runs[-1] if runs else None
-            if (
-                run
-                and run[4] == t.pk - 1
-                and run[0] == t.started_at
-                and run[1] == t.finished_at
-                and run[2] == t.attempts
-            ):
-                run[4] = t.pk
-            else:
-                runs.append([t.started_at, t.finished_at, t.attempts, t.pk, t.pk])
-        else:
-            other.append(
-                (
-                    t.status.value,
-                    t.started_at,
-                    t.finished_at,
-                    t.last_error,
-                    t.attempts,
-                    t.next_attempt_at,
-                    t.pk,
-                )
-            )
-    if runs:
-        conn.executemany(
-            "UPDATE tasks SET status = 'done', started_at = ?, finished_at = ?, attempts = ?,"
-            " next_attempt_at = NULL WHERE pk BETWEEN ? AND ?",
-            runs,
-        )
-    if other:
-        conn.executemany(
-            "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, last_error = ?,"
-            " attempts = ?, next_attempt_at = ? WHERE pk = ? AND status <> 'cancelled'",
-            other,
-        )
-
-
-def _json(keys: tuple[int, ...]) -> str:
-    return json.dumps(keys, separators=(",", ":"))
-
-
-def _span(request: RequestRecord) -> tuple[int | None, int | None]:
-    """A request's first and last task keys."""
-    return request.tasks[0].pk, request.tasks[-1].pk
-
-
-def _task_from_row(row: sqlite3.Row) -> TaskRecord:
-    return TaskRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        seq=row["seq"],
-        file=row["file"],
-        line=row["line"],
-        queued_at=row["queued_at"],
-        status=TaskStatus(row["status"]),
-        started_at=row["started_at"],
-        last_error=row["last_error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        data=row["line"].encode(),
-        pk=row["pk"],
-    )
