@@ -1,6 +1,7 @@
 """The routes that change the registry on an operator's word: retry a failed task, cancel an
-unfinished one. They answer only requests from this machine (loopback) or that carry the
-bearer token `BGTASKS_ADMIN_TOKEN`: anything else gets a 403."""
+unfinished one, write here what a lost host had claimed. They answer only requests from this
+machine (loopback) or that carry the bearer token `BGTASKS_ADMIN_TOKEN`: anything else gets a
+403."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 
 from server.models import Detail, TaskOut
+from server.records import TaskRecord
 from server.registry import Registry
+from server.registry.registry import OwnerAlive
 from server.runner import TaskRunner
 from server.status import ENDED
 
 TaskId = Annotated[str, Path(max_length=200, examples=["3f2a9c1b-7"])]
+OwnerId = Annotated[str, Path(pattern=r"^[0-9a-f]{8}$", examples=["3f2a9c1b"])]
 
 
 def require_operator(request: Request) -> None:
@@ -79,6 +83,41 @@ async def cancel_task(task_id: TaskId, request: Request) -> Any:
     raise HTTPException(409, f"task {task_id} cannot be cancelled: {reason}")
 
 
+async def get_owner(owner: OwnerId, request: Request) -> Any:
+    """A server process known to the registry (by its owner id): where it ran, whether it is
+    alive, and the lines it claimed in a data directory other than this server's, which wait
+    for that directory to come back."""
+    registry, _ = _state(request)
+    known, waiting = await registry.lost_lines(owner)
+    if known is None and not waiting:
+        raise HTTPException(404, f"no owner {owner!r} in the registry")
+    return {
+        **(known or {"owner": owner}),
+        "alive": await registry.store.is_alive(owner),
+        "waiting": [_line(task) for task in waiting],
+    }
+
+
+async def rewrite_lost_lines(owner: OwnerId, request: Request) -> Any:
+    """For a host gone for good: write here the lines this dead owner claimed in its own data
+    directory. They may be there already, in that lost directory: this can write a line
+    twice, which is why it needs an operator's word."""
+    registry, _ = _state(request)
+    try:
+        written = await registry.rewrite_lost_lines(owner)
+    except OwnerAlive as exc:
+        raise HTTPException(409, str(exc)) from None
+    return {
+        "owner": owner,
+        "rewritten": [_line(task) for task in written],
+        "warning": "these lines may also be in the lost data directory: each may be there twice",
+    }
+
+
+def _line(task: TaskRecord) -> dict[str, Any]:
+    return {"id": task.id, "request_id": task.request_id, "file": task.file, "line": task.line}
+
+
 def add_operator_routes(app: FastAPI) -> None:
     refused: dict[int | str, dict[str, Any]] = {
         403: {"model": Detail, "description": "Not from loopback, and no valid token."},
@@ -98,3 +137,14 @@ def add_operator_routes(app: FastAPI) -> None:
             dependencies=[Operator],
             tags=["operators"],
         )
+    app.add_api_route(
+        "/owners/{owner}", get_owner, methods=["GET"], responses=refused, tags=["operators"]
+    )
+    app.add_api_route(
+        "/owners/{owner}/rewrite",
+        rewrite_lost_lines,
+        methods=["POST"],
+        responses=refused,
+        dependencies=[Operator],
+        tags=["operators"],
+    )

@@ -147,9 +147,7 @@ def test_a_request_s_next_task_waits_for_its_line_claimed_in_a_dead_owner_s_dire
                 break
             await asyncio.sleep(0.01)
         assert not await b.store.is_alive("0000000a")
-        _, by_b = await recover_dead_owners(
-            b.store, b._files, b._owners, b.owner, at_start=False
-        )
+        _, by_b = await recover_dead_owners(b.store, b._files, b._owners, b.owner, at_start=False)
         for task in by_b:
             b.submit(task, ends.append)
         await b.flush()
@@ -344,3 +342,43 @@ def test_a_process_cut_off_from_the_database_does_not_write_what_another_adopted
     )
     statuses = rows(database, "SELECT DISTINCT status FROM bgtasks.tasks")
     assert statuses == [("recovered",)]
+
+
+def test_a_lost_host_s_claimed_lines_are_rewritten_elsewhere_on_an_operator_s_word(
+    database: str, tmp_path: Path
+) -> None:
+    """Owner a claims a request's first line in its directory and its host is lost for good.
+    The line waits for that directory; an operator rewrites it on host b (`POST
+    /owners/{id}/rewrite`), which also frees the request's next task, in order."""
+    from server.config import Settings
+    from tests.helpers import serve_in_thread
+
+    request = two_tasks("r1", "x")
+
+    async def a_dies() -> None:
+        a = pg_registry(database, tmp_path / "a", "0000000a")
+        await a.open()
+        await a.commit_intents(request)
+        await die_after_claiming(a, request.tasks[0])
+
+    asyncio.run(a_dies())
+    settings = Settings(data_dir=tmp_path / "b", delay=0, database_url=database)
+    with serve_in_thread(settings) as b:
+        owner = wait_until(
+            lambda: (r := httpx.get(f"{b.url}/owners/0000000a")).json()["waiting"] and r
+        )
+        body = owner.json()
+        assert body["alive"] is False and body["data_dir"] != ""
+        assert [line["id"] for line in body["waiting"]] == ["r1-1"]
+        assert not a_log(tmp_path / "b")  # b adopted nothing behind the waiting line
+        rewritten = httpx.post(f"{b.url}/owners/0000000a/rewrite").json()
+        assert [line["id"] for line in rewritten["rewritten"]] == ["r1-1"]
+        assert "twice" in rewritten["warning"]
+        # The request's second task is no longer held: b's watch adopts it, after the first.
+        wait_until(lambda: a_log(tmp_path / "b").count(b"\n") == 2)
+        assert a_log(tmp_path / "b") == b"found query: x\nmessage to x@example.com\n"
+        assert httpx.get(f"{b.url}/owners/0000000a").json()["waiting"] == []
+        alive = httpx.post(f"{b.url}/owners/{b.app.state.registry.owner}/rewrite")
+        assert alive.status_code == 409
+    assert rows(database, "SELECT DISTINCT status FROM bgtasks.tasks") == [("recovered",)]
+    assert rows(database, "SELECT count(*) FROM bgtasks.claims WHERE NOT ended") == [(0,)]

@@ -48,6 +48,26 @@ async def recover_dead_owners(
     return finished, adopted
 
 
+async def rewrite_lost_lines(store: Store, files: DataFiles, owner: str) -> list[TaskRecord]:
+    """Write, in this data directory, the lines dead `owner` claimed in a data directory that
+    is gone for good: claimed here in its name (rule 10) and ended `recovered`; its claims there
+    end. They may already be in the lost directory's files: this can write a line twice. The
+    later tasks of their requests then become adoptable (rule 11)."""
+    _, tasks = await store.lost_lines(owner)
+    for task in tasks:
+        task.claim = None  # its bytes cannot be read from here: write it whole
+    by_file: dict[str, list[TaskRecord]] = {}
+    for task in tasks:
+        by_file.setdefault(task.file, []).append(task)
+    written: list[TaskRecord] = []
+    for name, file_tasks in by_file.items():
+        written += await _resolve(store, files, owner, name, file_tasks, {})
+    await store.end_recovery(owner, written, everywhere=True)
+    for task in written:
+        logger.warning("rewrote task %s of lost server %s here", task.describe(), owner)
+    return written
+
+
 async def _recover_owner(
     store: Store, files: DataFiles, owner: str, me: str
 ) -> tuple[list[TaskRecord], list[TaskRecord]]:

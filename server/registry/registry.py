@@ -16,13 +16,17 @@ from server.registry.batch import GroupCommit
 from server.registry.events import task_event
 from server.registry.files import DataFiles
 from server.registry.owners import OwnerLocks, check_state_dir
-from server.registry.recovery import recover_dead_owners
+from server.registry.recovery import recover_dead_owners, rewrite_lost_lines
 from server.registry.store import RegistryError, Store, StoreFault
 from server.status import TaskStatus
 
 logger = logging.getLogger("bgtasks.registry")
 
 WATCH_EVERY_S = 1.0
+
+
+class OwnerAlive(RegistryError):
+    """The owner still holds what shows it alive: its work is its own."""
 
 
 class Registry:
@@ -159,6 +163,22 @@ class Registry:
             details = {"file": task.file, "retried": True}
             self.note_event(("task_queued", task.request_id, task.id, time.time(), details))
         return task
+
+    async def lost_lines(self, owner: str) -> tuple[dict[str, Any] | None, list[TaskRecord]]:
+        """What is known of `owner`, and its lines that wait for another data directory."""
+        with self._watch():
+            return await self.store.lost_lines(owner)
+
+    async def rewrite_lost_lines(self, owner: str) -> list[TaskRecord]:
+        """Write here the lines dead `owner` claimed in a data directory gone for good (they
+        may be written twice: see recovery.rewrite_lost_lines). RegistryError if it is alive."""
+        with self._watch():
+            if await self.store.is_alive(owner):
+                raise OwnerAlive(f"owner {owner} is alive: its lines are its own to write")
+            written = await rewrite_lost_lines(self.store, self._files, owner)
+        for task in written:
+            self.note_event(task_event(task))
+        return written
 
     async def count_unfinished(self) -> int:
         with self._watch():

@@ -145,8 +145,16 @@ class Store(Protocol):
         """Make `owner` the owner of `dead`'s unclaimed `tasks` (rule 11), each task once
         whoever else tries: returns the ones this call moved, queued again."""
 
-    async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
-        """Record the recovered (or failed) `tasks` of dead `owner` and end its open claims."""
+    async def end_recovery(
+        self, owner: str, tasks: Sequence[TaskRecord], *, everywhere: bool = False
+    ) -> None:
+        """Record the recovered (or failed) `tasks` of dead `owner` and end its open claims in
+        this data directory (or in every one: `everywhere`)."""
+
+    async def lost_lines(self, owner: str) -> tuple[dict[str, Any] | None, list[TaskRecord]]:
+        """What is known of `owner` (its host and data directory; None if nothing), and its
+        unfinished tasks whose lines are claimed in another data directory than this one: they
+        wait for that directory (in key order)."""
 
     async def cancel(self, task_id: str, at: float) -> bool:
         """Cancel the task if it is unfinished and its line not claimed: it ends `cancelled`

@@ -53,10 +53,11 @@ async def dead_owner_work(conn: AsyncConnection[Any], owner: str, here: str) -> 
 
 
 async def end_recovery(
-    conn: AsyncConnection[Any], owner: str, here: str, tasks: Sequence[TaskRecord]
+    conn: AsyncConnection[Any], owner: str, here: str | None, tasks: Sequence[TaskRecord]
 ) -> None:
-    """Record the recovered (or failed) tasks and end the owner's open claims in this data
-    directory. (Its row in `owners` stays: its tasks still show its host.)"""
+    """Record the recovered (or failed) tasks and end the owner's open claims in data
+    directory `here` (every one, if None). (Its row in `owners` stays: its tasks still show
+    its host.)"""
     if tasks:
         rows = [(t.pk, t.status.value, t.finished_at, t.last_error) for t in tasks]
         await conn.execute(
@@ -66,9 +67,28 @@ async def end_recovery(
             columns(rows, 4),
         )
     await conn.execute(
-        "UPDATE bgtasks.claims SET ended = true WHERE owner = %s AND data_dir = %s AND NOT ended",
+        "UPDATE bgtasks.claims SET ended = true WHERE owner = %s"
+        " AND (data_dir = %s OR %s::text IS NULL) AND NOT ended",
+        (owner, here, here),
+    )
+
+
+async def lost_lines(
+    conn: AsyncConnection[Any], owner: str, here: str
+) -> tuple[dict[str, Any] | None, list[TaskRecord]]:
+    """The owner's row, and its unfinished tasks claimed in another data directory."""
+    cursor = await conn.execute(
+        "SELECT owner, host, pid, data_dir, started_at FROM bgtasks.owners WHERE owner = %s",
+        (owner,),
+    )
+    known = await cursor.fetchone()
+    cursor = await conn.execute(
+        "SELECT t.* FROM bgtasks.tasks t JOIN bgtasks.claims c ON c.claim = t.claim"
+        f" WHERE t.owner = %s AND t.status IN ({_UNFINISHED}) AND c.data_dir <> %s"
+        " ORDER BY t.pk",
         (owner, here),
     )
+    return known, [task_from_row(row) for row in await cursor.fetchall()]
 
 
 def task_from_row(row: dict[str, Any]) -> TaskRecord:

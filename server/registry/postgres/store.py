@@ -316,9 +316,15 @@ class PostgresStore:
         names = [column.name for column in cursor.description or ()]
         return recovery.task_from_row(dict(zip(names, row, strict=True)))
 
-    async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
+    async def end_recovery(
+        self, owner: str, tasks: Sequence[TaskRecord], *, everywhere: bool = False
+    ) -> None:
         async with self._transaction() as conn:
-            await recovery.end_recovery(conn, owner, self._here, tasks)
+            await recovery.end_recovery(conn, owner, None if everywhere else self._here, tasks)
+
+    async def lost_lines(self, owner: str) -> tuple[dict[str, Any] | None, list[TaskRecord]]:
+        with translated("read", self.url):
+            return await recovery.lost_lines(self._read(), owner, self._here)
 
     # -- reads -----------------------------------------------------------------------------
 

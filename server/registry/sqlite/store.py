@@ -165,9 +165,16 @@ class SqliteStore:
             task.started_at, task.adopted = None, True
         return moved
 
-    async def end_recovery(self, owner: str, tasks: Sequence[TaskRecord]) -> None:
-        async with self._transaction() as conn:
+    async def end_recovery(
+        self, owner: str, tasks: Sequence[TaskRecord], *, everywhere: bool = False
+    ) -> None:
+        async with self._transaction() as conn:  # one data directory: here is everywhere
             recovery.end_recovery(conn, owner, tasks)
+
+    async def lost_lines(self, owner: str) -> tuple[dict[str, Any] | None, list[TaskRecord]]:
+        # Every line of a SQLite registry is claimed in its own data directory.
+        known = owner in OwnerLocks(self.data_dir).listed()
+        return ({"owner": owner, "host": self._host} if known else None), []
 
     async def cancel(self, task_id: str, at: float) -> bool:
         async with self._transaction() as conn:
