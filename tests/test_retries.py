@@ -64,7 +64,7 @@ def ended(live: LiveServer | ServerProcess, request_id: str) -> dict[str, Any] |
     return body if tasks and all(t["status"] in ENDED for t in tasks) else None
 
 
-def test_a_fault_that_heals_is_retried_and_written_once(
+def test_rule_14_a_failed_attempt_leaves_nothing_and_its_retry_writes_the_line_once(
     start_server: Callable[..., LiveServer],
 ) -> None:
     live = start_server(retry_base=0.2, retry_max=0.4, max_attempts=20)
