@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from bgtasks_cli.coercion import PlainCommand, convert_plainly
-from bgtasks_cli.commands import firing, inspecting, serving
+from bgtasks_cli.commands import firing, inspecting, serving, stats
 from bgtasks_cli.errors import EXIT_USAGE, BgtasksError, InvalidInput
 from server import __version__
 
@@ -76,6 +76,7 @@ for _command in (
     firing.readme,
     inspecting.tail,
     inspecting.tasks,
+    stats.stats,
     serving.serve,
     serving.demo,
 ):

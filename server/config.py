@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     )
     max_running: int = Field(
         10_000, ge=1, le=1_000_000, description="Tasks allowed to run at once; more wait."
+    )
+    metrics: bool = Field(
+        True, description="Keep Prometheus metrics in the data directory and serve /metrics."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as uvicorn writes them, or one JSON object per line."
     )
 
 

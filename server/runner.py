@@ -20,6 +20,7 @@ import itertools
 import logging
 import time
 
+from server.observe import NOBODY, Observer
 from server.records import RequestRecord, TaskRecord
 from server.registry import Registry
 from server.status import TaskStatus
@@ -34,8 +35,16 @@ _Step = tuple[list[TaskRecord], int]  # a request's accepted tasks, and which on
 class TaskRunner:
     """Creates a request's task records and runs them, in order, once its response is out."""
 
-    def __init__(self, registry: Registry, *, delay: float, max_running: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        delay: float,
+        max_running: int,
+        observer: Observer = NOBODY,
+    ) -> None:
         self.registry = registry
+        self.observer = observer
         self.delay = delay
         self.max_running = max_running
         self._ids = itertools.count(1)
@@ -65,6 +74,7 @@ class TaskRunner:
         """The request's intents are committed: its tasks are now this process's to finish."""
         for task in request.tasks:
             self.unfinished[task.id] = task
+        self.observer.accepted(request)
 
     async def start(self, request: RequestRecord) -> None:
         """The BackgroundTasks entry of a request: start its accepted tasks, in order."""
@@ -79,6 +89,7 @@ class TaskRunner:
         for task in sorted(tasks, key=lambda task: (task.request_id, task.seq)):
             by_request.setdefault(task.request_id, []).append(task)
             self.unfinished[task.id] = task
+        self.observer.adopted(tasks)
         for request_tasks in by_request.values():
             self._begin(request_tasks)
 
@@ -140,6 +151,7 @@ class TaskRunner:
         self._running -= 1
         if error is not None:
             self._failed(task, error)
+        self.observer.ended(task)
         if self._stopped:
             return
         if self.delay and index + 1 < len(tasks):
@@ -153,7 +165,8 @@ class TaskRunner:
         task.status, task.finished_at = TaskStatus.FAILED, time.time()
         task.error = f"{type(error).__name__}: {error}"
         self.registry.note_task(task)
-        logger.error("task %s failed", task.describe(), exc_info=error)
+        ids = {"task_id": task.id, "request_id": task.request_id}
+        logger.error("task %s failed", task.describe(), exc_info=error, extra=ids)
 
     def log_unfinished(self, reason: str) -> None:
         """Say which tasks this process still has to finish."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.observe import NOBODY, Observer
 from server.records import RequestRecord, TaskRecord
 from server.registry.claims import place_lines
 from server.registry.files import DataFiles, append_lines
@@ -54,8 +55,11 @@ class Batch:
 class GroupCommit:
     """Gathers work into batches and commits them, one at a time, through `store`."""
 
-    def __init__(self, store: Store, files: DataFiles, *, lock_timeout: float) -> None:
+    def __init__(
+        self, store: Store, files: DataFiles, *, lock_timeout: float, observer: Observer = NOBODY
+    ) -> None:
         self.store = store
+        self.observer = observer
         self.files = files
         self.lock_timeout = lock_timeout
         self.next = Batch()
@@ -188,6 +192,7 @@ class GroupCommit:
                         task.started_at = claimed_at
                 locked.append((name, fd, submissions))
             try:
+                began = time.perf_counter()
                 claims = await self.store.commit(  # rules 1 and 2
                     batch.changes, [[task for task, _ in items] for _, _, items in locked]
                 )
@@ -198,6 +203,7 @@ class GroupCommit:
                 self._faulted(exc, batch, [item for _, _, items in locked for item in items])
                 return
             self._stalled_since = None
+            self.observer.committed(time.perf_counter() - began, _size(batch))
             claimed = bool(claims)
             for request in batch.changes.intents:
                 request.accepted = True
@@ -277,6 +283,13 @@ def _write(fd: int, start: int, submissions: list[Submission]) -> None:
         ended(None)
     for _, ended in submissions[landed:]:
         ended(error)
+
+
+def _size(batch: Batch) -> int:
+    changes = batch.changes
+    return (
+        len(changes.intents) + len(changes.requests) + len(changes.tasks) + len(batch.submissions)
+    )
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

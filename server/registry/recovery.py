@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Mapping
 
+from server.observe import NOBODY, Observer
 from server.records import TaskRecord
 from server.registry.claims import bytes_present, place_claimed
 from server.registry.files import DataFiles
@@ -25,7 +26,7 @@ logger = logging.getLogger("bgtasks.registry")
 
 
 async def recover_dead_owners(
-    store: Store, files: DataFiles, owners: OwnerLocks, me: str
+    store: Store, files: DataFiles, owners: OwnerLocks, me: str, observer: Observer = NOBODY
 ) -> list[TaskRecord]:
     """Finish the claimed lines of every dead owner and adopt its other unfinished tasks for
     `me`. Returns the adopted tasks, queued again: the caller runs them."""
@@ -38,13 +39,15 @@ async def recover_dead_owners(
         try:
             if await store.is_alive(owner):
                 continue
-            adopted += await _recover_owner(store, files, owner, me)
+            adopted += await _recover_owner(store, files, owner, me, observer)
         finally:
             owners.release(owner, fd)
     return adopted
 
 
-async def _recover_owner(store: Store, files: DataFiles, owner: str, me: str) -> list[TaskRecord]:
+async def _recover_owner(
+    store: Store, files: DataFiles, owner: str, me: str, observer: Observer
+) -> list[TaskRecord]:
     work = await store.dead_owner_work(owner)
     claimed = place_claimed(work.claims, work.tasks, work.ended_lengths)
     later = {claim.number: await store.earliest_later_start(claim) for claim in work.claims}
@@ -63,10 +66,14 @@ async def _recover_owner(store: Store, files: DataFiles, owner: str, me: str) ->
     await store.end_recovery(owner, finished)
     for task in finished:
         outcome = task.status if task.error is None else task.error
-        logger.warning("recovered task %s of a stopped server: %s", task.describe(), outcome)
+        ids = {"task_id": task.id, "request_id": task.request_id}
+        logger.warning(
+            "recovered task %s of a stopped server: %s", task.describe(), outcome, extra=ids
+        )
     claimed_keys = {task.pk for task in claimed}
     unclaimed = [task for task in work.tasks if task.pk not in claimed_keys]
     moved = await store.adopt(unclaimed, owner, me)
+    observer.recovered(finished, moved)
     if moved:
         logger.warning("adopted %d unclaimed tasks of stopped server %s", len(moved), owner)
     return moved

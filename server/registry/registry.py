@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from server.observe import NOBODY, Observer
 from server.records import TaskRecord
 from server.registry.batch import GroupCommit
 from server.registry.files import DataFiles
@@ -23,14 +24,25 @@ class Registry:
     `owner` is this process's id. Everything is used from the event loop.
     """
 
-    def __init__(self, data_dir: Path, *, owner: str, store: Store, lock_timeout: float) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        owner: str,
+        store: Store,
+        lock_timeout: float,
+        observer: Observer = NOBODY,
+    ) -> None:
         self.data_dir = data_dir
         self.owner = owner
         self.store = store
         self._owners = OwnerLocks(data_dir)
         self._owner_fd: int | None = None
         self._files = DataFiles(data_dir)
-        self._commits = GroupCommit(store, self._files, lock_timeout=lock_timeout)
+        self._observer = observer
+        self._commits = GroupCommit(
+            store, self._files, lock_timeout=lock_timeout, observer=observer
+        )
         self.commit_intents = self._commits.commit_intents
         self.note_request = self._commits.note_request
         self.note_task = self._commits.note_task
@@ -52,7 +64,9 @@ class Registry:
         self._owner_fd = self._owners.hold(self.owner)
         try:
             await self.store.open(self.owner)
-            return await recover_dead_owners(self.store, self._files, self._owners, self.owner)
+            return await recover_dead_owners(
+                self.store, self._files, self._owners, self.owner, self._observer
+            )
         except BaseException:
             await self.close()
             raise
