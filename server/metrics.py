@@ -10,9 +10,10 @@ gauges of dead processes are dropped (`mark_process_dead`) at every start and ev
 
 What is observed is per task (when it ends) and per group commit, never per row of a commit,
 and it is tallied here in plain numbers first: writing one value to prometheus-client's files
-costs ~9,000 instructions (a lock, a `getpid` and the write), ~17 of them per notify request
-(1.26 M instructions against 1.09 M without metrics). The tallies go to the files every
-FLUSH_S seconds while there are any, so a scrape may lag that much behind.
+costs 9,000-17,000 instructions (a lock, a `getpid` and the write, per counter or histogram),
+~17 of them per notify request, which took notify from 1.09 M instructions to 1.26 M; tallied,
+1.12 M (benchmarks/instructions.py). The tallies go to the files every FLUSH_S seconds while
+there are any, so a scrape may lag that much behind.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Metrics:
 
         for pid in _dead(_pids(self.directory)):
             mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
-        registry = CollectorRegistry(auto_describe=True)
+        registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
         encode, media_type = choose_encoder(accept or "")
         return encode(registry), media_type
