@@ -125,20 +125,21 @@ class Tracing:
         if self.owned:
             self.provider.shutdown()
 
-    def responding(self, scope: Scope, span: Any, message: Message) -> None:
-        """The response starts: name the span by its route, record its status, and remember
-        it as the parent of the request's accepted tasks."""
+    def responding(self, scope: Scope, span: Any, message: Message, *, ours: bool) -> None:
+        """The response starts: name `ours` by its route and record its status; tag the span
+        with the request id, and remember it as the parent of the request's accepted tasks."""
         from opentelemetry.trace import StatusCode
 
-        status = message["status"]
-        span.set_attribute("http.response.status_code", status)
-        if status >= 500:
-            span.set_status(StatusCode.ERROR)
-            span.set_attribute("error.type", str(status))
-        route = getattr(scope.get("route"), "path", None)
-        if route is not None:
-            span.set_attribute("http.route", route)
-            span.update_name(f"{scope['method']} {route}")
+        if ours:
+            status = message["status"]
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(StatusCode.ERROR)
+                span.set_attribute("error.type", str(status))
+            route = getattr(scope.get("route"), "path", None)
+            if route is not None:
+                span.set_attribute("http.route", route)
+                span.update_name(f"{scope['method']} {route}")
         for name, value in message.get("headers", ()):
             if name == b"x-request-id":
                 span.set_attribute("bgtasks.request.id", value.decode("latin-1"))
@@ -244,7 +245,7 @@ class TracingMiddleware:
         async def traced_send(message: Message) -> None:
             nonlocal ended
             if message["type"] == "http.response.start":
-                tracing.responding(scope, span, message)
+                tracing.responding(scope, span, message, ours=ours)
             await send(message)
             if (
                 ours
@@ -257,8 +258,9 @@ class TracingMiddleware:
         try:
             await self.app(scope, receive, traced_send)
         except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            if ours:
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
             raise
         finally:
             if ours and not ended:

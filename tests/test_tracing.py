@@ -213,6 +213,66 @@ def test_an_unknown_exporter_is_a_warning_not_a_failed_start(tmp_path: Path) -> 
     assert "installed: " in report["stderr"]
 
 
+# A process whose global tracer provider was set before bgtasks started (as
+# `opentelemetry-instrument` does): FastAPI's own telemetry makes the request's span.
+GLOBAL_PROVIDER = textwrap.dedent(
+    """
+    import json, sys, time
+    import httpx
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    from server.config import Settings
+    from tests.helpers import serve_in_thread
+    with serve_in_thread(Settings(data_dir=sys.argv[1], delay=0)) as live:
+        url = live.url + "/send-notification/a@example.com"
+        assert httpx.post(url, params={"q": "hi"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sum(s.kind.name == "CONSUMER" for s in exporter.get_finished_spans()) == 2:
+                break
+            time.sleep(0.01)
+    print(json.dumps([
+        {
+            "kind": span.kind.name,
+            "scope": span.instrumentation_scope.name,
+            "id": span.context.span_id,
+            "parent": span.parent.span_id if span.parent else None,
+            "links": [link.context.span_id for link in span.links],
+        }
+        for span in exporter.get_finished_spans()
+    ]))
+    """
+)
+
+
+def test_a_global_provider_is_used_and_an_existing_request_span_is_not_doubled(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", GLOBAL_PROVIDER, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    servers = [span for span in found if span["kind"] == "SERVER"]
+    tasks = [span for span in found if span["kind"] == "CONSUMER"]
+    assert len(servers) == 1, found  # FastAPI's, and no second one of bgtasks'
+    assert len(tasks) == 2 and {span["scope"] for span in tasks} == {"bgtasks"}
+    for task in tasks:
+        assert task["parent"] == servers[0]["id"]
+        assert task["links"] == [servers[0]["id"]]
+
+
 def console_spans(log: str) -> list[dict[str, Any]]:
     """The spans OpenTelemetry's console exporter printed (indented JSON objects)."""
     decoder = json.JSONDecoder()
