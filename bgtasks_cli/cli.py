@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from bgtasks_cli.coercion import PlainCommand, convert_plainly
-from bgtasks_cli.commands import firing, inspecting, serving
+from bgtasks_cli.commands import firing, inspecting, serving, stats
 from bgtasks_cli.errors import EXIT_USAGE, BgtasksError, InvalidInput
 from server import __version__
 
@@ -78,6 +78,7 @@ for _command in (
     inspecting.tail,
     inspecting.tasks,
     inspecting.timeline,
+    stats.stats,
     serving.serve,
     serving.demo,
 ):

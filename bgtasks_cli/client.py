@@ -273,6 +273,29 @@ class Client:
         _, health = self._answer("GET", "/health", shape=lambda body: isinstance(body, dict))
         return cast("dict[str, Any]", health)
 
+    def metrics(self) -> str:
+        """The server's `/metrics`, every worker's, in Prometheus' text format. Raises
+        BgtasksError if the server keeps none (or fails), WrongServer if it is not bgtasks."""
+        response = self._call("GET", "/metrics")
+        status, body = response.status_code, _json_body(response)
+        media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        tagged = REQUEST_ID_HEADER in response.headers
+        if status == 200 and media == "text/plain" and tagged:
+            return response.text
+        if status >= 500 and status != 501:
+            detail = _detail(body) or _one_line(response.reason_phrase)
+            raise BgtasksError(f"GET /metrics: the server failed: {status} {detail}")
+        if status == 404 and tagged and body is not _NOT_JSON:
+            raise BgtasksError(
+                f"GET /metrics: 404 {_detail(body) or 'Not Found'}",
+                "that server keeps no metrics: start it without BGTASKS_METRICS=0",
+            )
+        raise WrongServer(
+            f"{self.base_url} does not answer like a bgtasks server (GET /metrics got "
+            f"{status} {_one_line(response.reason_phrase, 60)}, {_one_line(media, 40)})",
+            WRONG_SERVER_HINT,
+        )
+
     def follow(
         self, fired: Fired, *, timeout: float, poll: float = 0.05
     ) -> Iterator[dict[str, Any]]:

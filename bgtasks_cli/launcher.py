@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import ipaddress
 import math
 import os
@@ -93,12 +92,25 @@ def check_registry(data_dir: Path) -> None:
 
 def preflight(*, host: str, port: int, data_dir: Path) -> None:
     """Everything `serve` needs that can be checked before it starts, each failure one
-    ServeError line: the registry, the data directory, the port."""
+    ServeError line: the registry, the data directory, the metrics directory, the port."""
     # The registry first: with `.bgtasks` a symbolic link, the data directory's check would
     # already have written through it.
     check_registry(data_dir)
     check_data_dir(data_dir)
+    check_metrics_dir(data_dir)
     check_port(host, port)
+
+
+def check_metrics_dir(data_dir: Path) -> None:
+    """Fail with one line if the metrics directory is a symbolic link (the server would
+    refuse to write through it)."""
+    from server.metrics import metrics_dir
+
+    if metrics_dir(data_dir).is_symlink():
+        raise ServeError(
+            f"{metrics_dir(data_dir)} is a symbolic link; bgtasks writes only inside its data dir",
+            "remove the link (the server makes the directory), or set BGTASKS_METRICS=0",
+        )
 
 
 def load_settings(**options: Any) -> Settings:
@@ -123,13 +135,39 @@ def load_settings(**options: Any) -> Settings:
         ) from None
 
 
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging, plus the service's own `bgtasks` logger on the same handler."""
-    from uvicorn.config import LOGGING_CONFIG
+def log_config(log_format: str = "text") -> dict[str, Any]:
+    """uvicorn's logging, readable or one JSON object per line (`log_format` "json"), plus
+    the service's own `bgtasks` logger on the same handler."""
+    from server.logs import log_config as config
 
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["bgtasks"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    return config
+    return config("json" if log_format == "json" else "text")
+
+
+def announce_json(*, host: str, url: str, data_dir: Path, workers: int, settings: Settings) -> None:
+    """What the banner says, as JSON log lines (`serve --log-format json`), so that every
+    line of the server's output is one JSON object."""
+    import logging.config
+
+    from server import __version__
+
+    logging.config.dictConfig(log_config("json"))
+    log = logging.getLogger("bgtasks")
+    if not is_loopback(host):
+        log.warning("binding %s exposes the service beyond this machine", host)
+    log.info(
+        "bgtasks %s serving at %s",
+        __version__,
+        url,
+        extra={
+            "url": url,
+            "docs": f"{url}/docs",
+            "data_dir": str(data_dir),
+            "delay": settings.delay,
+            "workers": workers,
+            "drain_timeout": settings.drain_timeout,
+            "metrics": f"{url}/metrics" if settings.metrics else None,
+        },
+    )
 
 
 def serve(
@@ -142,6 +180,7 @@ def serve(
     drain_timeout: float | None,
     access_log: bool,
     record_state: bool,
+    log_format: str = "text",
 ) -> None:
     """Run the service under uvicorn until it is stopped (call `preflight` first). Blocks.
 
@@ -154,6 +193,7 @@ def serve(
     os.environ["BGTASKS_DELAY"] = repr(delay)
     if drain_timeout is not None:
         os.environ["BGTASKS_DRAIN_TIMEOUT"] = repr(drain_timeout)
+    os.environ["BGTASKS_LOG_FORMAT"] = log_format
     pid = os.getpid()
     if record_state:
         write_state(ServerState(url=url_for(host, port), pid=pid, data_dir=str(data_dir)))
@@ -177,7 +217,7 @@ def serve(
                 timeout_graceful_shutdown=(
                     None if drain_timeout is None else math.ceil(drain_timeout)
                 ),
-                log_config=log_config(),
+                log_config=log_config(log_format),
                 access_log=access_log,
             )
     except _Terminated:

@@ -9,17 +9,19 @@ import multiprocessing
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
 
-from server import __version__
+from server import __version__, tracing
 from server.config import Settings
 from server.events import add_event_routes
+from server.metrics import Metrics
 from server.middleware import RegistryMiddleware
+from server.observe import combine
 from server.operators import add_operator_routes
 from server.registry import Registry, SqliteStore, Store, StoreFault
 from server.retries import RetryPolicy
@@ -38,21 +40,36 @@ each task was queued, started and finished.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. With no settings, read them from `BGTASKS_*` environment variables."""
     settings = settings or Settings()
+    metrics = Metrics(settings.data_dir) if settings.metrics else None
+    traces = tracing.Tracing.from_env()
+    observer = combine(metrics, traces)
     store = make_store(settings)
     registry = Registry(
         settings.data_dir,
         owner=uuid.uuid4().hex[:8],
         store=store,
         lock_timeout=settings.lock_timeout,
+        observer=observer,
     )
     retries = RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max)
     runner = TaskRunner(
-        registry, delay=settings.delay, max_running=settings.max_running, retries=retries
+        registry,
+        delay=settings.delay,
+        max_running=settings.max_running,
+        retries=retries,
+        observer=observer,
     )
     registry.on_adopted = runner.adopt
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Metrics from before the registry opens: its recovery of dead servers is observed.
+        with _observing(metrics, traces):
+            async with serving(app):
+                yield
+
+    @asynccontextmanager
+    async def serving(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         adopted = await registry.open()
         if adopted:
@@ -87,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.runner = runner
+    app.state.metrics = metrics
     # The requests worth recording: the seed's endpoints (others may add theirs).
     app.state.recorded_paths = add_routes(app)
     add_operator_routes(app)
@@ -94,7 +112,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RegistryMiddleware, registry=registry, runner=runner, recorded=app.state.recorded_paths
     )
+    # Each only when it is on, outside the registry's (the last added is the outermost).
+    if settings.log_format == "json":
+        from server.logs import RequestIdMiddleware
+
+        app.add_middleware(RequestIdMiddleware)
+    if traces is not None:
+        app.add_middleware(tracing.TracingMiddleware, tracing=traces)
     return app
+
+
+@contextmanager
+def _observing(metrics: Metrics | None, traces: tracing.Tracing | None) -> Iterator[None]:
+    """Keep metrics, and export traces, for as long as the block runs."""
+    if metrics is not None:
+        metrics.open()
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if traces is not None:
+            traces.close()
 
 
 def make_store(settings: Settings) -> Store:

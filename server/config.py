@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +91,13 @@ class Settings(BaseSettings):
                 f" {ENV_PREFIX}RETRY_BASE ({self.retry_base:g} s)"
             )
         return self
+
+    metrics: bool = Field(
+        True, description="Keep Prometheus metrics in the data directory and serve /metrics."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as uvicorn writes them, or one JSON object per line."
+    )
 
 
 class SettingsError(ValueError):

@@ -9,9 +9,8 @@ from typing import Annotated, Any
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -265,6 +264,16 @@ async def health(request: Request, registry: RegistryDep) -> Any:
     return health
 
 
+def metrics(request: Request) -> Response:
+    """The service's metrics in Prometheus' text format (OpenMetrics when the scraper asks
+    for it), summed over every worker; a 404 when metrics are off (BGTASKS_METRICS=0)."""
+    kept = request.app.state.metrics
+    if kept is None:
+        raise HTTPException(404, "metrics are off (BGTASKS_METRICS=0)")
+    body, media_type = kept.render(request.headers.get("accept"))
+    return Response(body, media_type=media_type)
+
+
 async def registry_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """A read the registry could not answer: a 503 that says why, not a 500."""
     return JSONResponse({"detail": str(exc)}, status_code=503)
@@ -306,6 +315,21 @@ def add_routes(app: FastAPI) -> set[str]:
         response_model=Health,
         responses={503: {"model": Health, "description": "The registry cannot record work."}},
         tags=["registry"],
+    )
+    # A plain `def`: FastAPI runs it in a thread, since it reads every worker's files.
+    app.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus' text format, or OpenMetrics.",
+                "content": {"text/plain": {}, "application/openmetrics-text": {}},
+            },
+            404: {"model": Detail, "description": "Metrics are off."},
+        },
+        tags=["observability"],
     )
     app.add_exception_handler(RegistryError, registry_unavailable)
     return {path for path, _ in seed}

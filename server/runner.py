@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from server.observe import NOBODY, Observer
 from server.records import RequestRecord, TaskRecord
 from server.registry import Registry, TaskDropped
 from server.registry.store import Failure
@@ -48,8 +49,10 @@ class TaskRunner:
         max_running: int,
         retries: RetryPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        observer: Observer = NOBODY,
     ) -> None:
         self.registry = registry
+        self.observer = observer
         self.delay = delay
         self.max_running = max_running
         self.retries = retries or RetryPolicy()
@@ -84,6 +87,7 @@ class TaskRunner:
         """The request's intents are committed: its tasks are now this process's to finish."""
         for task in request.tasks:
             self.unfinished[task.id] = task
+        self.observer.accepted(request)
 
     async def start(self, request: RequestRecord) -> None:
         """The BackgroundTasks entry of a request: start its accepted tasks, in order."""
@@ -99,6 +103,7 @@ class TaskRunner:
         for task in sorted(tasks, key=lambda task: (task.request_id, task.seq)):
             by_request.setdefault(task.request_id, []).append(task)
             self.unfinished[task.id] = task
+        self.observer.adopted(tasks)
         for request_tasks in by_request.values():
             self._begin(request_tasks)
 
@@ -225,6 +230,7 @@ class TaskRunner:
         task.status, task.last_error = TaskStatus.RETRYING, describe(error)
         failure = Failure(task.pk or 0, task.attempts, task.started_at, now, task.last_error)
         self.registry.note_failure(failure)
+        self.observer.attempt_failed(task)
         ahead = self._retrying.setdefault(task.request_id, task.id)
         if self._stopped:
             task.next_attempt_at = now  # the next start tries it at once
@@ -257,6 +263,7 @@ class TaskRunner:
             logger.warning("%s; this process does not write it", error)
         elif error is not None:
             self._failed(task, error)
+        self.observer.ended(task)
         if self._retrying.get(task.request_id) == task.id:
             del self._retrying[task.request_id]
         if self._stopped:
@@ -275,8 +282,13 @@ class TaskRunner:
         task.status, task.finished_at = TaskStatus.FAILED, time.time()
         task.last_error = describe(error)
         self.registry.note_task(task)
+        ids = {"task_id": task.id, "request_id": task.request_id}
         logger.error(
-            "task %s failed after %d attempts", task.describe(), task.attempts, exc_info=error
+            "task %s failed after %d attempts",
+            task.describe(),
+            task.attempts,
+            exc_info=error,
+            extra=ids,
         )
 
     def log_unfinished(self, reason: str) -> None:

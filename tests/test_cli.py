@@ -529,6 +529,7 @@ def test_serve_non_loopback_host_warns(fake_serve: FakeServe, tmp_path: Path) ->
             "drain_timeout": None,
             "access_log": True,
             "record_state": True,
+            "log_format": "text",
         }
     ]
     assert "Warning: binding 0.0.0.0 exposes the service beyond this machine." in result.stdout
@@ -563,6 +564,7 @@ def test_serve_loopback_passes_every_option(fake_serve: FakeServe, tmp_path: Pat
             "drain_timeout": 7,
             "access_log": False,
             "record_state": True,
+            "log_format": "text",
         }
     ]
     assert "Warning" not in result.output

@@ -168,10 +168,13 @@ def test_a_stream_can_follow_one_request(
     assert {e.data["request_id"] for e in stream.events} == {"chosen-id-1"}
 
 
-def test_a_bad_last_event_id_is_a_422(start_server: Callable[..., LiveServer]) -> None:
+def test_a_bad_last_event_id_is_a_422_naming_the_header(
+    start_server: Callable[..., LiveServer],
+) -> None:
     live = start_server()
     response = httpx.get(f"{live.url}/events", headers={"Last-Event-ID": "nonsense"})
-    assert response.status_code == 422 and "Last-Event-ID" in response.json()["detail"]
+    assert response.status_code == 422
+    assert [error["loc"] for error in response.json()["detail"]] == [["header", "last-event-id"]]
 
 
 def test_another_process_s_commits_reach_the_stream(

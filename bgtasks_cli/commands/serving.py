@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -33,6 +34,11 @@ DEMO_NEXT: tuple[tuple[str, str], ...] = (
     ),
 )
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
 
 
 def serve(
@@ -75,6 +81,15 @@ def serve(
         ),
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            help="`text`: readable lines; `json`: one JSON object per line (ts, level, event, "
+            "request_id, task_id, ...) for log shippers, the banner included. "
+            "Default: BGTASKS_LOG_FORMAT, else text.",
+            show_default=False,
+        ),
+    ] = None,
     state_file: Annotated[
         bool,
         typer.Option(hidden=True, help="Record where the server listens for other commands."),
@@ -89,26 +104,36 @@ def serve(
     """
     from bgtasks_cli import launcher, render
 
-    given = {"data_dir": data_dir, "delay": delay, "drain_timeout": drain_timeout}
+    given = {
+        "data_dir": data_dir,
+        "delay": delay,
+        "drain_timeout": drain_timeout,
+        "log_format": log_format and log_format.value,
+    }
     settings = launcher.load_settings(**{k: v for k, v in given.items() if v is not None})
     out = console()
     directory = settings.data_dir.expanduser().resolve()
     launcher.preflight(host=host, port=port, data_dir=directory)
     url = launcher.url_for(host, port)
-    if not launcher.is_loopback(host):
+    if settings.log_format == "json":
+        launcher.announce_json(
+            host=host, url=url, data_dir=directory, workers=workers, settings=settings
+        )
+    else:
+        if not launcher.is_loopback(host):
+            out.print(
+                f"[bold yellow]Warning:[/] binding {host} exposes the service beyond this machine."
+            )
         out.print(
-            f"[bold yellow]Warning:[/] binding {host} exposes the service beyond this machine."
+            render.banner(
+                url=url,
+                data_dir=directory,
+                delay=settings.delay,
+                workers=workers,
+                drain_timeout=settings.drain_timeout,
+                version=__version__,
+            )
         )
-    out.print(
-        render.banner(
-            url=url,
-            data_dir=directory,
-            delay=settings.delay,
-            workers=workers,
-            drain_timeout=settings.drain_timeout,
-            version=__version__,
-        )
-    )
     launcher.serve(
         host=host,
         port=port,
@@ -118,6 +143,7 @@ def serve(
         drain_timeout=settings.drain_timeout,
         access_log=access_log,
         record_state=state_file,
+        log_format=settings.log_format,
     )
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.observe import NOBODY, Observer
 from server.records import RequestRecord, TaskRecord
 from server.registry.claims import Claim, place_lines
 from server.registry.events import (
@@ -70,8 +71,11 @@ class Batch:
 class GroupCommit:
     """Gathers work into batches and commits them, one at a time, through `store`."""
 
-    def __init__(self, store: Store, files: DataFiles, *, lock_timeout: float) -> None:
+    def __init__(
+        self, store: Store, files: DataFiles, *, lock_timeout: float, observer: Observer = NOBODY
+    ) -> None:
         self.store = store
+        self.observer = observer
         self.files = files
         self.lock_timeout = lock_timeout
         self.next = Batch()
@@ -220,6 +224,7 @@ class GroupCommit:
             lines = [[task for task, _ in items] for _, _, items in locked]
             events = _events(batch.changes, lines, claimed_at)
             try:
+                began = time.perf_counter()
                 claims = await self.store.commit(batch.changes, lines, events)  # rules 1 and 2
             except StoreBusy as exc:
                 self._stalled(exc, batch, [item for _, _, items in locked for item in items])
@@ -230,6 +235,7 @@ class GroupCommit:
             self._stalled_since = None
             self.committed.set()  # streams of events wake
             self.committed = asyncio.Event()
+            self.observer.committed(time.perf_counter() - began, _size(batch))
             claimed = bool(claims)
             for request in batch.changes.intents:
                 request.accepted = True
@@ -345,6 +351,13 @@ def _write(fd: int, claim: Claim, submissions: list[Submission]) -> None:
         ended(None)
     for _, ended in submissions[landed:]:
         ended(error)
+
+
+def _size(batch: Batch) -> int:
+    changes = batch.changes
+    return (
+        len(changes.intents) + len(changes.requests) + len(changes.tasks) + len(batch.submissions)
+    )
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

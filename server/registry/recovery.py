@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Mapping
 
+from server.observe import NOBODY, Observer
 from server.records import TaskRecord
 from server.registry.claims import bytes_present, place_claimed
 from server.registry.files import DataFiles
@@ -25,7 +26,13 @@ logger = logging.getLogger("bgtasks.registry")
 
 
 async def recover_dead_owners(
-    store: Store, files: DataFiles, owners: OwnerLocks, me: str, *, at_start: bool
+    store: Store,
+    files: DataFiles,
+    owners: OwnerLocks,
+    me: str,
+    *,
+    at_start: bool,
+    observer: Observer = NOBODY,
 ) -> tuple[list[TaskRecord], list[TaskRecord]]:
     """Finish the claimed lines of every dead owner and adopt its other unfinished tasks for
     `me`. Returns the tasks it finished (recovered, or failed), and the adopted ones, queued
@@ -40,7 +47,7 @@ async def recover_dead_owners(
         try:
             if await store.is_alive(owner):
                 continue
-            done, moved = await _recover_owner(store, files, owner, me)
+            done, moved = await _recover_owner(store, files, owner, me, observer)
             finished += done
             adopted += moved
         finally:
@@ -69,7 +76,7 @@ async def rewrite_lost_lines(store: Store, files: DataFiles, owner: str) -> list
 
 
 async def _recover_owner(
-    store: Store, files: DataFiles, owner: str, me: str
+    store: Store, files: DataFiles, owner: str, me: str, observer: Observer
 ) -> tuple[list[TaskRecord], list[TaskRecord]]:
     work = await store.dead_owner_work(owner)
     claimed = place_claimed(work.claims, work.tasks, work.ended_lengths)
@@ -89,10 +96,14 @@ async def _recover_owner(
     await store.end_recovery(owner, finished)
     for task in finished:
         outcome = task.status if task.last_error is None else task.last_error
-        logger.warning("recovered task %s of a stopped server: %s", task.describe(), outcome)
+        ids = {"task_id": task.id, "request_id": task.request_id}
+        logger.warning(
+            "recovered task %s of a stopped server: %s", task.describe(), outcome, extra=ids
+        )
     claimed_keys = {task.pk for task in claimed}
     unclaimed = [task for task in work.tasks if task.pk not in claimed_keys]
     moved = await store.adopt(unclaimed, owner, me)
+    observer.recovered(finished, moved)
     if moved:
         logger.warning("adopted %d unclaimed tasks of stopped server %s", len(moved), owner)
     return finished, moved

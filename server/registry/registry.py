@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from server.observe import NOBODY, Observer
 from server.records import TaskRecord
 from server.registry.batch import GroupCommit
 from server.registry.events import task_event
@@ -36,14 +37,25 @@ class Registry:
     `owner` is this process's id. Everything is used from the event loop.
     """
 
-    def __init__(self, data_dir: Path, *, owner: str, store: Store, lock_timeout: float) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        owner: str,
+        store: Store,
+        lock_timeout: float,
+        observer: Observer = NOBODY,
+    ) -> None:
         self.data_dir = data_dir
         self.owner = owner
         self.store = store
         self._owners = OwnerLocks(data_dir)
         self._owner_fd: int | None = None
         self._files = DataFiles(data_dir)
-        self._commits = GroupCommit(store, self._files, lock_timeout=lock_timeout)
+        self._observer = observer
+        self._commits = GroupCommit(
+            store, self._files, lock_timeout=lock_timeout, observer=observer
+        )
         self._watcher: asyncio.Task[None] | None = None
         # Who runs the tasks adopted from owners that die while this process serves.
         self.on_adopted: Callable[[list[TaskRecord]], None] | None = None
@@ -76,7 +88,12 @@ class Registry:
         try:
             await self.store.open(self.owner)
             finished, adopted = await recover_dead_owners(
-                self.store, self._files, self._owners, self.owner, at_start=True
+                self.store,
+                self._files,
+                self._owners,
+                self.owner,
+                at_start=True,
+                observer=self._observer,
             )
         except BaseException:
             await self.close()
@@ -95,7 +112,12 @@ class Registry:
             await asyncio.sleep(WATCH_EVERY_S)
             try:
                 finished, adopted = await recover_dead_owners(
-                    self.store, self._files, self._owners, self.owner, at_start=False
+                    self.store,
+                    self._files,
+                    self._owners,
+                    self.owner,
+                    at_start=False,
+                    observer=self._observer,
                 )
             except RegistryError as exc:
                 if not failing:
