@@ -1,9 +1,9 @@
 """The `bgtasks` command: the app, its one error boundary and its commands.
 
 Commands live by group in `bgtasks_cli.commands` and only parse options and hand them to the
-plain modules (client, launcher, tailer, render, picture, crash_demo); heavy imports happen
-inside the command that needs them, so `notify`, `readme`, `tasks`, `tail` and `timeline` never
-load fastapi or uvicorn."""
+plain modules (client, launcher, tailer, render, picture, operators, crash_demo, fail_demo);
+heavy imports happen inside the command that needs them, so `notify`, `readme`, `tasks`,
+`tail`, `timeline`, `retry` and `cancel` never load fastapi or uvicorn."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from bgtasks_cli.coercion import PlainCommand, convert_plainly
-from bgtasks_cli.commands import firing, inspecting, serving, stats
+from bgtasks_cli.commands import firing, inspecting, operating, serving, stats
 from bgtasks_cli.errors import EXIT_USAGE, BgtasksError, InvalidInput
 from server import __version__
 
@@ -79,6 +79,8 @@ for _command in (
     inspecting.tasks,
     inspecting.timeline,
     stats.stats,
+    operating.retry,
+    operating.cancel,
     serving.serve,
     serving.demo,
 ):

@@ -9,9 +9,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from bgtasks_cli.errors import BgtasksError, InvalidInput, ServerUnreachable, WrongServer
+from bgtasks_cli.errors import (
+    BgtasksError,
+    InvalidInput,
+    Refused,
+    ServerUnreachable,
+    WrongServer,
+)
 from server.status import ENDED, SUCCEEDED, TaskStatus
 
 # httpx's __init__ imports its own command line (click, rich, pygments) whenever click is
@@ -25,6 +31,10 @@ START_HINT = "start it with `bgtasks serve`, or point --url / BGTASKS_URL at a r
 URL_HINT = "give --url or BGTASKS_URL as http://HOST:PORT, e.g. http://127.0.0.1:8000"
 WRONG_SERVER_HINT = (
     "is --url / BGTASKS_URL the address `bgtasks serve` printed? start one with `bgtasks serve`"
+)
+TOKEN_HINT = (
+    "from another machine, set BGTASKS_ADMIN_TOKEN (or --token) to the server's"
+    " BGTASKS_ADMIN_TOKEN; from the server's own machine, use a loopback --url"
 )
 REQUEST_ID_HEADER = "x-request-id"
 # What every task in a bgtasks response carries (the renderers rely on these).
@@ -155,6 +165,8 @@ class Client:
 
     Every answer is checked to be a bgtasks one (JSON, tagged with X-Request-ID, of the
     expected shape) before it is used: anything else raises `WrongServer`, never a parse error.
+    `token` (the server's BGTASKS_ADMIN_TOKEN) goes with the calls that change the registry
+    (`retry`, `cancel`) and no others.
     """
 
     def __init__(
@@ -163,8 +175,10 @@ class Client:
         *,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._operator_headers = {"authorization": f"Bearer {token}"} if token else {}
         parsed = check_url(self.base_url)
         # Loading the CA bundle costs ~90 ms of start-up; plain-http URLs never use it.
         verify = parsed.scheme == "https"
@@ -181,9 +195,15 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         try:
-            return self._http.request(method, path, params=params)
+            return self._http.request(method, path, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise ServerUnreachable(
                 f"no bgtasks server answers at {self.base_url} ({type(exc).__name__})", START_HINT
@@ -197,15 +217,16 @@ class Client:
         *,
         shape: Callable[[Any], bool],
         missing_ok: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> tuple[httpx.Response, Any]:
         """Send one request and return its response with the JSON body it carries.
 
         A 5xx is the server failing (BgtasksError), except 501: that server does not do the
         method at all, which a bgtasks server never answers. Anything else that is not a
-        bgtasks answer raises WrongServer; a 422 InvalidInput; other 4xx BgtasksError. With
+        bgtasks answer raises WrongServer; a 422 InvalidInput; other 4xx Refused. With
         `missing_ok`, a bgtasks 404 returns a body of None.
         """
-        response = self._call(method, path, params)
+        response = self._call(method, path, params, headers)
         status, body = response.status_code, _json_body(response)
         what = f"{method} {path}"
         if status >= 500 and status != 501:
@@ -230,7 +251,8 @@ class Client:
             )
         if status >= 400:
             detail = _detail(body) or _one_line(response.reason_phrase)
-            raise BgtasksError(f"{what}: {status} {detail}")
+            hint = TOKEN_HINT if status == 403 else None
+            raise Refused(f"{what}: {status} {detail}", hint, status=status, reason=detail)
         if not 200 <= status < 300 or not shape(body):
             raise WrongServer(
                 f"{self.base_url} does not answer like a bgtasks server ({what} got {status}"
@@ -268,6 +290,22 @@ class Client:
             params["status"] = status
         _, tasks = self._answer("GET", "/tasks", params, shape=_is_task_list)
         return cast("list[dict[str, Any]]", tasks)
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        """`POST /tasks/{id}/retry`: a failed task gets a fresh set of attempts. Raises Refused
+        (the server's reason) for a task that is not failed (409), unknown (404) or not ours
+        to change (403)."""
+        return self._operate(task_id, "retry")
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        """`POST /tasks/{id}/cancel`: an unfinished task whose line is not being written ends
+        `cancelled`, never written. Raises Refused as `retry` does."""
+        return self._operate(task_id, "cancel")
+
+    def _operate(self, task_id: str, action: str) -> dict[str, Any]:
+        path = f"/tasks/{quote(task_id, safe='')}/{action}"
+        _, task = self._answer("POST", path, shape=_is_task, headers=self._operator_headers)
+        return cast("dict[str, Any]", task)
 
     def health(self) -> dict[str, Any]:
         _, health = self._answer("GET", "/health", shape=lambda body: isinstance(body, dict))

@@ -4,9 +4,9 @@ From 0.29 Typer converts every parameter through a pydantic TypeAdapter, built w
 parameter is first processed: importing pydantic and building the adapters costs each command
 ~100-150 ms, most of what a `notify --no-wait` spends. The CLI's options are plain types (str,
 int and float with a range, a directory path, a string enum); for those this hands Typer a
-converter that does what click's types did for Typer < 0.29, with their messages. Any other
-parameter, and any Typer without that hook (< 0.29, which converts with click's types), is
-left as it is.
+converter that does what click's types did for Typer < 0.29, with their messages; a list of
+strings (`retry TASK_ID...`) is kept as strings. Any other parameter, and any Typer without
+that hook (< 0.29, which converts with click's types), is left as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import typer
 from typer.core import TyperCommand
@@ -46,12 +46,13 @@ def convert_plainly(params: Sequence[Any]) -> None:
 class _Plain:
     """What Typer asks of a parameter's converter: `coerce(value, param, ctx)`."""
 
-    def __init__(self, convert: Callable[[Any], Any]) -> None:
+    def __init__(self, convert: Callable[[Any], Any], *, many: bool = False) -> None:
         self._convert = convert
+        self._many = many
 
     def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
         if value is None:
-            return None
+            return () if self._many else None
         try:
             return self._convert(value)
         except typer.BadParameter as exc:
@@ -66,7 +67,13 @@ def plain_conversion(param: Any) -> _Plain | None:
     if descriptor is None or not hasattr(param, "get_runtime_param"):
         return None  # Typer < 0.29: click's types convert it, at no extra cost
     info, annotation = descriptor.parameter_info, descriptor.annotation
-    if param.nargs != 1 or param.multiple or info.parser is not None or info.clamp:
+    if info.parser is not None or info.clamp:
+        return None
+    if param.nargs == -1 or param.multiple:
+        if get_origin(annotation) is list and get_args(annotation) == (str,):
+            return _Plain(lambda values: [str(value) for value in values], many=True)
+        return None
+    if param.nargs != 1:
         return None
     if annotation is bool and getattr(param, "is_flag", False):
         return _Plain(bool)  # a flag's value is True, False or (for Typer's own) None

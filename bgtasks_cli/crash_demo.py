@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from bgtasks_cli.client import Client
+from bgtasks_cli.demo_server import free_port
 from bgtasks_cli.errors import BgtasksError, InvalidInput, ServeError, ServerUnreachable
 from server.status import ENDED, TaskStatus
 
@@ -97,12 +97,6 @@ def _holding_ctrl_c() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(url: str) -> bool:
     # Imported here, after bgtasks_cli.client, which keeps httpx from loading its own CLI.
     import httpx
@@ -160,7 +154,7 @@ class _Demo:
         """Start one server (again) on its data directory, on a free port; wait until it
         answers."""
         assert self.root is not None
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         data_dir = self.data_dir(side)
         data_dir.mkdir(exist_ok=True)

@@ -2,6 +2,7 @@
 (`cli.BgtasksGroup`) prints it as one red line (plus a hint) on stderr, never a traceback.
 
     BgtasksError            exit 1  a request or task failed, or did not finish in time
+    ├── Refused             exit 1  the server said no (a 4xx other than 422), with its reason
     ├── InvalidInput        exit 2  the server refused the input (422), or a bad option
     ├── ServerUnreachable   exit 3  nothing answers at the URL
     │   └── WrongServer     exit 3  something answers there, but not like a bgtasks server
@@ -41,6 +42,16 @@ class BgtasksError(Exception):
         console.print(Text.assemble(("Error:", "bold red"), " ", self.message), emoji=False)
         if self.hint:
             console.print(Text(f"hint: {self.hint}", style="dim"), emoji=False)
+
+
+class Refused(BgtasksError):
+    """The server refused the request (403, 404, 409, ...): `status` is its code and `reason`
+    the server's own words, for a command that goes on with its other items."""
+
+    def __init__(self, message: str, hint: str | None = None, *, status: int, reason: str) -> None:
+        super().__init__(message, hint)
+        self.status = status
+        self.reason = reason
 
 
 class InvalidInput(BgtasksError):

@@ -1,4 +1,4 @@
-"""Starting servers: `serve` in this process with uvicorn, and a throwaway one for `demo`."""
+"""Starting `serve` in this process with uvicorn: the checks before it, and the run."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import contextlib
 import ipaddress
 import math
 import os
-import shutil
+import re
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from bgtasks_cli.errors import InvalidInput, ServeError
@@ -115,7 +111,9 @@ def check_metrics_dir(data_dir: Path) -> None:
 
 def load_settings(**options: Any) -> Settings:
     """The server's settings: the environment's `BGTASKS_*`, with the options given on the
-    command line taking precedence. Raises InvalidInput in one line naming the bad one."""
+    command line taking precedence. Raises InvalidInput in one line naming the bad one (or,
+    for a rule between two, both): by its option if it was given as one, else by its
+    variable."""
     from server.config import SettingsError
     from server.config import load_settings as load
 
@@ -123,15 +121,18 @@ def load_settings(**options: Any) -> Settings:
         return load(**options)
     except SettingsError as exc:
         message = str(exc)
-        name = message.split(":", 1)[0]
-        for option in options:
-            if name == f"BGTASKS_{option.upper()}":
-                flag = "--" + option.replace("_", "-")
-                raise InvalidInput(
-                    flag + message[len(name) :], "see `bgtasks serve --help`"
-                ) from None
+        flags = {f"BGTASKS_{option.upper()}": "--" + option.replace("_", "-") for option in options}
+        named = re.findall(r"BGTASKS_[A-Z_]+", message.split(" (got ", 1)[0])
+        for name in named:
+            message = message.replace(name, flags.get(name, name))
+        # A setting neither given nor in the environment is at its default: nothing to unset.
+        environment = {variable.upper() for variable in os.environ}  # read case-blind
+        unset = [name for name in named if name not in flags and name in environment]
+        if not unset:
+            raise InvalidInput(message, "see `bgtasks serve --help`") from None
         raise InvalidInput(
-            message, f"fix or unset {name}; the README's Configuration lists each setting"
+            message,
+            f"fix or unset {' or '.join(unset)}; the README's Configuration lists each setting",
         ) from None
 
 
@@ -165,6 +166,9 @@ def announce_json(*, host: str, url: str, data_dir: Path, workers: int, settings
             "delay": settings.delay,
             "workers": workers,
             "drain_timeout": settings.drain_timeout,
+            "max_attempts": settings.max_attempts,
+            "retry_base": settings.retry_base,
+            "retry_max": settings.retry_max,
             "metrics": f"{url}/metrics" if settings.metrics else None,
         },
     )
@@ -180,9 +184,11 @@ def serve(
     drain_timeout: float | None,
     access_log: bool,
     record_state: bool,
+    retries: tuple[int, float, float],
     log_format: str = "text",
 ) -> None:
     """Run the service under uvicorn until it is stopped (call `preflight` first). Blocks.
+    `retries` is (max_attempts, retry_base, retry_max).
 
     After a SIGTERM the process dies of it once the server has stopped (exit status 143 in a
     shell), whatever the number of workers; after Ctrl-C it returns."""
@@ -194,6 +200,8 @@ def serve(
     if drain_timeout is not None:
         os.environ["BGTASKS_DRAIN_TIMEOUT"] = repr(drain_timeout)
     os.environ["BGTASKS_LOG_FORMAT"] = log_format
+    for name, value in zip(("MAX_ATTEMPTS", "RETRY_BASE", "RETRY_MAX"), retries, strict=True):
+        os.environ[f"BGTASKS_{name}"] = repr(value)
     pid = os.getpid()
     if record_state:
         write_state(ServerState(url=url_for(host, port), pid=pid, data_dir=str(data_dir)))
@@ -277,116 +285,3 @@ def interrupts_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class DemoServer:
-    """`bgtasks serve` in a subprocess on a free loopback port, with its data directory and
-    log in one temporary directory; stopped and removed on exit, or on Ctrl-C at any point."""
-
-    def __init__(self, *, delay: float, startup_timeout: float = 30.0) -> None:
-        self.delay = delay
-        self.startup_timeout = startup_timeout
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._root: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def data_dir(self) -> Path:
-        assert self._root is not None, "the demo server is not started"
-        return self._root / "data"
-
-    @property
-    def _log_path(self) -> Path:
-        assert self._root is not None, "the demo server is not started"
-        return self._root / "server.log"
-
-    def __enter__(self) -> DemoServer:
-        self.start()
-        return self
-
-    def start(self) -> None:
-        """Start the server and wait until it answers; on any failure (Ctrl-C included)
-        everything started so far is stopped and removed."""
-        try:
-            with interrupts_deferred():
-                self._root = Path(tempfile.mkdtemp(prefix="bgtasks-demo-"))
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start(self) -> None:
-        import httpx
-
-        cmd = [
-            sys.executable,
-            "-m",
-            "bgtasks_cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            "--delay",
-            repr(self.delay),
-            "--no-state-file",
-            "--no-access-log",
-        ]
-        with self._log_path.open("wb") as log, interrupts_deferred():
-            self._proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise ServeError(
-                    f"the demo server exited at start-up: {self.failure()}",
-                    "`bgtasks serve` with the same environment shows the whole story",
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise ServeError("the demo server did not start in time", self.failure())
-            time.sleep(0.05)
-
-    def failure(self) -> str:
-        """Why the server failed, from its log: its `Error:` line, else its last line."""
-        try:
-            lines = self._log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(its log is gone)"
-        errors = [line for line in lines if line.startswith("Error: ")]
-        if errors:
-            return errors[-1].removeprefix("Error: ")
-        return lines[-1].strip() if lines else "(it printed nothing)"
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop the server and remove its directory; safe to call again, or before `start`."""
-        with interrupts_deferred():
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGTERM)
-                try:
-                    self._proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait(timeout=5)
-            if self._root is not None:
-                shutil.rmtree(self._root, ignore_errors=True)

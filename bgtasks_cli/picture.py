@@ -201,8 +201,7 @@ def _tries(task: Mapping[str, Any], floor: float | None) -> list[_Try]:
     if new_try and started is not None:
         mark = MARKS.get(status) if finished is not None else "…"
         tries.append(_Try(previous, started, finished, mark, error))
-    # "retrying" is not a TaskStatus yet: it will be an unfinished one.
-    elif status in UNFINISHED or status == "retrying":
+    elif status in UNFINISHED:
         tries.append(_Try(previous, None, _later(task.get("next_attempt_at"), previous), "…"))
     elif not tries:  # ended without starting, e.g. recovered or failed while queued
         tries.append(_Try(previous, None, _or(finished, previous), MARKS.get(status), error))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from bgtasks_cli.client import Fired, Outcome
-from bgtasks_cli.ids import short_id
-from server.status import ENDED, TaskStatus
+from server.status import ENDED, SUCCEEDED, TaskStatus
 
 if TYPE_CHECKING:
     # Imported where a table is built: `notify --no-wait` prints none, and it is ~10 ms of
@@ -67,9 +67,11 @@ def response_line(fired: Fired) -> Text:
     return text
 
 
-def task_line(task: dict[str, Any], since: float) -> Text:
+def task_line(task: dict[str, Any], since: float, *, width: int | None = None) -> Text:
     """One finished task, with how long after `since` (the response arriving) it finished:
-    negative when it finished first (no delay), as the two are not ordered."""
+    negative when it finished first (no delay), as the two are not ordered. Under it, how many
+    attempts it took (if more than one) and why it failed (if it did), indented in lines of at
+    most `width` columns when it is given."""
     status = task["status"]
     finished = task.get("finished_at")
     after = span(finished - since) if finished else ""
@@ -79,9 +81,23 @@ def task_line(task: dict[str, Any], since: float) -> Text:
         (f"{after:>12}", "dim"),
         f"  {task['line']!r} → {task['file']}",
     )
-    if task.get("last_error"):
-        text.append(f"\n           {task['last_error']}", style="red")
+    tries = task.get("attempts") or 0
+    error = task.get("last_error") if status not in SUCCEEDED else None
+    under = [f"after {tries} attempts"] if tries > 1 else []
+    under += [error] if error else []
+    if under:
+        text.append("\n" + indented(": ".join(under), width), style="red" if error else "dim")
     return text
+
+
+def indented(said: str, width: int | None, indent: int = 11) -> str:
+    """`said` under a task line's text (past its status and time), wrapped to `width`."""
+    margin = " " * indent
+    if width is None:
+        return margin + said
+    return "\n".join(
+        textwrap.wrap(said, max(20, width), initial_indent=margin, subsequent_indent=margin)
+    )
 
 
 @dataclass(slots=True)
@@ -97,8 +113,9 @@ class _Moment:
 def _moments(record: Mapping[str, Any], fired: Fired | None) -> list[_Moment]:
     """Every stamped moment of one request, each with the moments it is known to follow: the
     client sends before the server gets the request, which comes before the tasks are queued
-    and the response is sent, which the client gets after; a task is queued, started, then
-    ends. Without `fired` (a request the CLI did not send) there are no client moments."""
+    and the response is sent, which the client gets after; a task is queued, then each of its
+    attempts starts and fails or ends it. Without `fired` (a request the CLI did not send)
+    there are no client moments."""
     moments: list[_Moment] = []
     got = None
     if fired is not None:
@@ -114,8 +131,20 @@ def _moments(record: Mapping[str, Any], fired: Fired | None) -> list[_Moment]:
         n, what = task["seq"] + 1, f"{task['line']!r} → {task['file']}"
         last = _Moment(task["queued_at"], f"task {n} queued", what, _after(got))
         queued.append(last)
-        if task.get("started_at"):
-            last = _Moment(task["started_at"], f"task {n} started", after=[last])
+        begun = None  # when its latest failed attempt started
+        for failure in task.get("failures") or []:
+            tried, begun = f"task {n} try {failure['attempt']}", failure.get("started_at")
+            if begun:
+                last = _Moment(begun, f"{tried} started", after=[last])
+                ran.append(last)
+            error = str(failure.get("error"))
+            last = _Moment(failure["failed_at"], f"{tried} FAILED", error, after=[last])
+            ran.append(last)
+        # While it waits to retry, its start is still that of the attempt that failed.
+        if task.get("started_at") and not (begun and task["started_at"] <= begun):
+            tries = task.get("attempts") or 0
+            label = f"task {n} try {tries}" if tries > 1 else f"task {n}"
+            last = _Moment(task["started_at"], f"{label} started", after=[last])
             ran.append(last)
         if task.get("finished_at"):
             failed = task["status"] == TaskStatus.FAILED
@@ -210,15 +239,22 @@ def timeline(record: Mapping[str, Any], fired: Fired | None = None) -> Table:
 
 
 def verdict(outcome: Outcome) -> Text:
-    """One sentence on what happened, as measured."""
+    """One sentence on what happened, as measured, with the tasks that needed more than one
+    attempt."""
     tasks = outcome.tasks
     failed = [t for t in tasks if t["status"] == TaskStatus.FAILED]
+    cancelled = [t for t in tasks if t["status"] == TaskStatus.CANCELLED]
     unfinished = [t for t in tasks if t["status"] not in ENDED]
     if failed:
+        tries = failed[0].get("attempts") or 0
+        after = f" after {tries} attempts" if tries > 1 else ""
         return Text(
-            f"✗ {len(failed)} of {len(tasks)} tasks failed: {failed[0].get('last_error')}",
+            f"✗ {len(failed)} of {len(tasks)} tasks failed{after}: {failed[0].get('last_error')}",
             style="bold red",
         )
+    if cancelled:
+        what = f"{len(cancelled)} of {len(tasks)} tasks {'were' if len(cancelled) > 1 else 'was'}"
+        return Text(f"✗ {what} cancelled: never written", style="bold red")
     if outcome.timed_out:
         left = len(unfinished)
         what = f"{left} task{'s' * (left != 1)} did" if left else "the request's record did"
@@ -227,15 +263,24 @@ def verdict(outcome: Outcome) -> Text:
         return Text("✓ no background task was queued for this request", style="bold green")
     last = max(t["finished_at"] for t in tasks)
     lead = last - outcome.fired.client_received_at
+    retried = needed(tasks)
     if lead >= 0:
-        return Text(
-            f"✓ response returned {lead * 1000:,.0f} ms before the last write finished",
-            style="bold green",
+        said = f"✓ response returned {lead * 1000:,.0f} ms before the last write finished"
+    else:
+        said = (
+            f"✓ all {len(tasks)} writes finished {-lead * 1000:,.0f} ms before the response"
+            " arrived (no delay: the work was quicker than the round trip)"
         )
-    return Text(
-        f"✓ all {len(tasks)} writes finished {-lead * 1000:,.0f} ms before the response"
-        " arrived (no delay: the work was quicker than the round trip)",
-        style="bold green",
+    return Text(said + (f"; {retried}" if retried else ""), style="bold green")
+
+
+def needed(tasks: list[dict[str, Any]]) -> str:
+    """`task 1 after 3 attempts, task 2 after 2 attempts`: the tasks that needed more than one
+    attempt; empty if none did."""
+    return ", ".join(
+        f"task {t['seq'] + 1} after {t['attempts']} attempts"
+        for t in sorted(tasks, key=lambda t: t["seq"])
+        if (t.get("attempts") or 0) > 1
     )
 
 
@@ -259,87 +304,6 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
         ),
         "server": outcome.record or None,
     }
-
-
-# The tasks table's columns, and the order they give way in on a narrow terminal: the start
-# and queue times first (the waited and ran spans hold what they tell), the writes never.
-TASK_COLUMNS = (
-    "task",
-    "request",
-    "status",
-    "writes",
-    "queued",
-    "started",
-    "finished",
-    "waited",
-    "ran",
-)
-DROPPED_FIRST = ("started", "queued", "waited", "ran", "finished", "request")
-MIN_WRITES = 24  # what a folded "writes" cell needs to stay readable: a line and its file
-RIGHT_ALIGNED = frozenset({"waited", "ran"})
-
-
-def _task_cells(task: dict[str, Any]) -> dict[str, str | Text]:
-    queued, started, finished = task["queued_at"], task.get("started_at"), task.get("finished_at")
-    writes = f"{task['line']!r} → {task['file']}"
-    if task.get("last_error"):
-        writes += f"\n{task['last_error']}"
-    return {
-        "task": task["id"],
-        "request": short_id(task["request_id"]),
-        "status": Text(task["status"], style=STATUS_STYLE.get(task["status"], "")),
-        "writes": writes,
-        "queued": clock(queued),
-        "started": clock(started),
-        "finished": clock(finished),
-        "waited": ms(started - queued) if started else "-",
-        "ran": ms(finished - started) if finished and started else "-",
-    }
-
-
-def _fitting_columns(rows: list[dict[str, str | Text]], width: int) -> list[str]:
-    """The columns that leave "writes" at least MIN_WRITES wide in `width` characters."""
-    need = {
-        name: max([len(name)] + [len(str(row[name])) for row in rows]) + 3  # padding, border
-        for name in TASK_COLUMNS
-        if name != "writes"
-    }
-    shown = list(TASK_COLUMNS)
-    for name in DROPPED_FIRST:
-        fixed = sum(need[c] for c in shown if c != "writes") + 4  # writes' padding and edges
-        if fixed + MIN_WRITES <= width:
-            break
-        shown.remove(name)
-    return shown
-
-
-def tasks_table(
-    tasks: Sequence[dict[str, Any]], title: str = "recent tasks", *, width: int = 200
-) -> Table:
-    """Recent tasks as a table for a terminal `width` characters wide: at 80 or fewer the
-    times give way (the caption says which), while each status stays whole and what a task
-    writes stays readable."""
-    from rich.table import Table
-
-    rows = [_task_cells(task) for task in tasks]
-    shown = _fitting_columns(rows, width)
-    table = Table(title=title, title_justify="left")
-    for name in shown:
-        if name == "writes":
-            table.add_column(name, overflow="fold", min_width=MIN_WRITES)
-        else:
-            table.add_column(
-                name, no_wrap=True, justify="right" if name in RIGHT_ALIGNED else "left"
-            )
-    for row in rows:
-        table.add_row(*(row[name] for name in shown))
-    hidden = [name for name in TASK_COLUMNS if name not in shown]
-    if not tasks:
-        table.caption = "no tasks yet"
-    elif hidden:
-        table.caption = f"not shown at this width: {', '.join(hidden)} (see --json)"
-        table.caption_justify = "left"
-    return table
 
 
 def tail_line(event: TailEvent) -> Text:
@@ -379,7 +343,10 @@ def banner(
     workers: int,
     drain_timeout: float | None,
     version: str,
+    retries: tuple[int, float, float],
 ) -> RenderableType:
+    """What `serve` is about to do: where, with which files, delay, workers and retries
+    (attempts at most, the backoff's base and cap)."""
     from rich.table import Table
 
     grid = Table.grid(padding=(0, 2))
@@ -392,4 +359,9 @@ def banner(
     grid.add_row("delay", f"{delay:g} s before each task writes")
     drain = "wait for every task" if drain_timeout is None else f"{drain_timeout:g} s"
     grid.add_row("workers", f"{workers} · drain on stop: {drain}")
+    attempts, base, cap = retries
+    grid.add_row(
+        "retries",
+        f"up to {attempts} attempts · backoff {base:g} s, doubling to {cap:g} s, jittered",
+    )
     return Group(Text(""), grid, Text(""))

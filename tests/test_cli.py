@@ -25,7 +25,7 @@ from server import __version__
 from tests.helpers import LiveServer, free_port
 
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
-COMMANDS = ("notify", "readme", "tail", "tasks", "timeline", "serve", "demo")
+COMMANDS = ("notify", "readme", "tail", "tasks", "timeline", "retry", "cancel", "serve", "demo")
 VERDICT = re.compile(r"✓ response returned ([\d,]+) ms before the last write finished")
 OUTCOME_FIELDS = {
     "ok",
@@ -381,6 +381,7 @@ def test_tasks_table_has_the_columns(start_server: Callable[..., LiveServer]) ->
         "task",
         "request",
         "status",
+        "attempts",
         "writes",
         "queued",
         "started",
@@ -389,7 +390,7 @@ def test_tasks_table_has_the_columns(start_server: Callable[..., LiveServer]) ->
         "ran",
     ]
     row = next(line for line in out.splitlines() if task_id in line)
-    assert f"…{request_id[-8:]}" in row and " done " in row
+    assert f"…{request_id[-8:]}" in row and re.search(r" done +│ +1 │", row), row
     assert re.search(r"(\d\d:\d\d:\d\d\.\d{3}.*){3}", row), row
     assert all(len(line) <= 200 for line in out.splitlines())
     assert "not shown" not in out
@@ -527,6 +528,7 @@ def test_serve_non_loopback_host_warns(fake_serve: FakeServe, tmp_path: Path) ->
             "data_dir": data.resolve(),
             "delay": 0.5,
             "drain_timeout": None,
+            "retries": (5, 0.5, 60.0),
             "access_log": True,
             "record_state": True,
             "log_format": "text",
@@ -550,8 +552,12 @@ def test_serve_loopback_passes_every_option(fake_serve: FakeServe, tmp_path: Pat
         str(tmp_path / "d"),
         "--drain-timeout",
         "7",
+        "--max-attempts",
+        "3",
+        "--retry-max",
+        "4",
         "--no-access-log",
-        env={"BGTASKS_DELAY": "0.25"},
+        env={"BGTASKS_DELAY": "0.25", "BGTASKS_RETRY_BASE": "0.25", "BGTASKS_MAX_ATTEMPTS": "9"},
     )
     assert result.exit_code == 0, result.output
     assert fake_serve.calls == [
@@ -562,6 +568,7 @@ def test_serve_loopback_passes_every_option(fake_serve: FakeServe, tmp_path: Pat
             "data_dir": (tmp_path / "d").resolve(),
             "delay": 0.25,
             "drain_timeout": 7,
+            "retries": (3, 0.25, 4.0),  # the options win over the environment
             "access_log": False,
             "record_state": True,
             "log_format": "text",
@@ -569,6 +576,7 @@ def test_serve_loopback_passes_every_option(fake_serve: FakeServe, tmp_path: Pat
     ]
     assert "Warning" not in result.output
     assert "3 · drain on stop: 7 s" in result.stdout
+    assert "retries  up to 3 attempts · backoff 0.25 s, doubling to 4 s, jittered" in result.stdout
 
 
 @pytest.mark.parametrize(

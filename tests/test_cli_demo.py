@@ -38,7 +38,9 @@ def test_demo_table_shows_the_tables_of_events(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (("--json",), "--json goes with --crash"),
+        (("--json",), "--json goes with --crash or --fail"),
+        (("--crash", "--fail"), "--crash and --fail are two demos: give one"),
+        (("--fail", "--delay", "11"), "'--delay'"),
         (("--crash", "--table"), "--table is for the timelines; --crash shows no timeline"),
         (("--crash", "--delay", "0.1"), "the crash demo needs a delay from 0.2 to 10 s, not 0.1"),
         (("--crash", "--json", "--delay", "11"), "'--delay'"),
@@ -56,13 +58,15 @@ def test_demo_options_that_mean_nothing_are_refused_before_anything_starts(
     assert list(scratch.iterdir()) == []
 
 
-def test_demo_help_tells_of_the_crash_demo_and_the_table() -> None:
+def test_demo_help_tells_of_the_crash_and_fail_demos_and_the_table() -> None:
     result = invoke("demo", "--help")
     assert result.exit_code == 0, result.output
     flat = " ".join(result.stdout.replace("│", " ").split())
     assert "--crash" in flat and "kill -9" in flat
     assert "--table" in flat and "instead of the picture" in flat
     assert "Exit 0 if bgtasks lost and doubled none, else 1." in flat
+    assert "--fail" in flat and "the fault removed and the task healed" in flat
+    assert "Exit 0 if it healed, else 1." in flat
 
 
 @pytest.mark.parametrize("as_json", [True, False])

@@ -148,7 +148,8 @@ def open_files(pid: int) -> set[str]:
 def test_module_entry_point_help() -> None:
     result = cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("notify", "readme", "tail", "tasks", "timeline", "serve", "demo"):
+    commands = ("notify", "readme", "tail", "tasks", "timeline", "retry", "cancel", "serve", "demo")
+    for command in commands:
         assert command in result.stdout
     assert result.stderr == ""
     version = cli("--version")
@@ -187,8 +188,11 @@ def heavy_modules_loaded(args: list[str], env: dict[str, str]) -> tuple[int, lis
         ["tasks", "--url", "http://127.0.0.1:1"],
         ["timeline", "0197a4f2-6c1e-7b3a-9d52-3f1e8c0a4b21", "--url", "http://127.0.0.1:1"],
         ["tail", "--no-follow", "-n", "3"],
+        ["retry", "a1b2c3d4-1", "--url", "http://127.0.0.1:1"],
+        ["retry", "--failed", "--url", "http://127.0.0.1:1"],
+        ["cancel", "a1b2c3d4-1", "--url", "http://127.0.0.1:1"],
     ],
-    ids=lambda args: args[0],
+    ids=" ".join,
 )
 def test_commands_do_not_import_the_server_stack(args: list[str], tmp_path: Path) -> None:
     env = cli_env(BGTASKS_DATA_DIR=str(tmp_path / "data"))
@@ -429,8 +433,9 @@ def test_demo_runs_to_the_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert "what `bgtasks tail` saw" in out
     assert "message to demo@example.com" in out.split("what `bgtasks tail` saw")[1]
     assert "## FastAPI 框架精讲" in out.split("what `bgtasks tail` saw")[1]
-    # It ends pointing at the crash demo.
-    assert out.splitlines()[-1].startswith("  bgtasks demo --crash  what kill -9 ")
+    # It ends pointing at the crash and fail demos.
+    assert out.splitlines()[-2].startswith("  bgtasks demo --crash  what kill -9 ")
+    assert out.splitlines()[-1].startswith("  bgtasks demo --fail  a task that fails, is tried ")
     assert "Traceback" not in result.stderr
     assert processes_mentioning(str(scratch)) == []
     assert list(scratch.iterdir()) == []

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from rich.console import Console, RenderableType
 
-from bgtasks_cli import render
+from bgtasks_cli import render, tasks_table
 from bgtasks_cli.client import Fired, Outcome
 from bgtasks_cli.tailer import TailEvent
 from server.status import TaskStatus
@@ -203,7 +203,7 @@ def column_lines(text: str, column: int) -> list[str]:
 @pytest.mark.parametrize("width", [80, 100, 120, 200])
 def test_tasks_table_stays_readable_at_fixed_widths(width: int) -> None:
     rows = table_tasks()
-    text = show(render.tasks_table(rows, width=width), width=width)
+    text = show(tasks_table.tasks_table(rows, width=width), width=width)
     assert all(len(line) <= width for line in text.splitlines()), text
     cells = header_cells(text)
     for kept in ("task", "status", "writes"):
@@ -214,25 +214,25 @@ def test_tasks_table_stays_readable_at_fixed_widths(width: int) -> None:
     assert statuses == [t["status"] for t in rows]
     # The writes column is wide enough to read, and folding keeps every character.
     header = next(line for line in text.splitlines() if line.startswith("┃"))
-    assert len(header.strip("┃").split("┃")[writes_col]) - 2 >= render.MIN_WRITES
+    assert len(header.strip("┃").split("┃")[writes_col]) - 2 >= tasks_table.MIN_WRITES
     # Folding breaks lines at spaces: compare what is left without them.
     writes = "".join("".join(column_lines(text, writes_col)).split())
     for t in rows:
         assert "".join(f"{t['line']!r} → {t['file']}".split()) in writes
     assert "IsADirectoryError" in writes
-    hidden = [name for name in render.TASK_COLUMNS if name not in cells]
+    hidden = [name for name in tasks_table.TASK_COLUMNS if name not in cells]
     if hidden:
         assert f"not shown at this width: {', '.join(hidden)}" in " ".join(text.split())
     if width >= 200:
-        assert cells == list(render.TASK_COLUMNS)
+        assert cells == list(tasks_table.TASK_COLUMNS)
     # The less useful columns give way first.
-    order = list(render.DROPPED_FIRST)
-    assert hidden == sorted(hidden, key=render.TASK_COLUMNS.index)
+    order = list(tasks_table.DROPPED_FIRST)
+    assert hidden == sorted(hidden, key=tasks_table.TASK_COLUMNS.index)
     assert set(hidden) == set(order[: len(hidden)])
 
 
 def test_tasks_table_tells_requests_of_the_same_moment_apart() -> None:
-    text = show(render.tasks_table(table_tasks()[:3], width=200), width=200)
+    text = show(tasks_table.tasks_table(table_tasks()[:3], width=200), width=200)
     shown = column_lines(text, header_cells(text).index("request"))
     assert shown == [f"…{rid[-8:]}" for rid in IDS]
     assert SAME_TIME[:8] not in text

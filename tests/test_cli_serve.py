@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bgtasks_cli.demo_server import DemoServer
 from bgtasks_cli.errors import EXIT_SERVE, ServeError
-from bgtasks_cli.launcher import DemoServer
 from tests.helpers import ServerProcess, free_port, wait_until
 from tests.test_cli_e2e import (
     HAS_PROC,

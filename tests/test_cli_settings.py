@@ -8,15 +8,17 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from unittest.mock import patch
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from bgtasks_cli import launcher
 from bgtasks_cli.cli import app
 from bgtasks_cli.errors import EXIT_USAGE
-from tests.helpers import ServerProcess, free_port
+from tests.helpers import ServerProcess, free_port, wait_until
 from tests.test_cli_e2e import RED_ERROR, assert_one_error_line, cli, cli_env
 
 BAD_SETTINGS = [
@@ -31,6 +33,11 @@ BAD_SETTINGS = [
     ("BGTASKS_DELAY", "nan", "finite number"),
     ("BGTASKS_DELAY", "-inf", "finite number"),
     ("BGTASKS_DELAY", "abc", "valid number"),
+    ("BGTASKS_MAX_ATTEMPTS", "0", "greater than or equal to 1"),
+    ("BGTASKS_MAX_ATTEMPTS", "2.5", "valid integer"),
+    ("BGTASKS_RETRY_BASE", "nan", "finite number"),
+    ("BGTASKS_RETRY_BASE", "0", "greater than 0"),
+    ("BGTASKS_RETRY_MAX", "-1", "greater than 0"),
 ]
 # Every float option of every command, with the values no range rule can hold.
 FLOAT_OPTIONS = [
@@ -39,6 +46,8 @@ FLOAT_OPTIONS = [
     ("tasks", "--interval"),
     ("serve", "--delay"),
     ("serve", "--drain-timeout"),
+    ("serve", "--retry-base"),
+    ("serve", "--retry-max"),
     ("demo", "--delay"),
 ]
 
@@ -121,3 +130,75 @@ def test_drain_timeout_from_the_environment_reaches_the_banner(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "drain on stop: 2.25 s" in result.stdout and "delay  0.5 s" in result.stdout
     assert calls[0]["drain_timeout"] == 2.25 and calls[0]["delay"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "first", "hint"),
+    [
+        (
+            ("--retry-base", "0.5", "--retry-max", "0.1"),
+            {},
+            "Error: --retry-max (0.1 s) is shorter than --retry-base (0.5 s)",
+            "hint: see `bgtasks serve --help`",
+        ),
+        (
+            ("--retry-max", "1"),
+            {"BGTASKS_RETRY_BASE": "2"},
+            "Error: --retry-max (1 s) is shorter than BGTASKS_RETRY_BASE (2 s)",
+            "hint: fix or unset BGTASKS_RETRY_BASE;",
+        ),
+        (
+            (),
+            {"BGTASKS_RETRY_BASE": "2", "BGTASKS_RETRY_MAX": "1"},
+            "Error: BGTASKS_RETRY_MAX (1 s) is shorter than BGTASKS_RETRY_BASE (2 s)",
+            "hint: fix or unset BGTASKS_RETRY_MAX or BGTASKS_RETRY_BASE;",
+        ),
+        (
+            ("--max-attempts", "0"),
+            {},
+            "Error: Invalid value for '--max-attempts': 0 is not in the range 1<=x<=100.",
+            "hint: see `bgtasks serve --help`",
+        ),
+        (
+            ("--retry-base", "0"),
+            {},
+            "Error: --retry-base: Input should be greater than 0 (got 0.0)",
+            "hint: see `bgtasks serve --help`",
+        ),
+    ],
+)
+def test_serve_refuses_retry_settings_that_cannot_hold(
+    args: tuple[str, ...], env: dict[str, str], first: str, hint: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    result = cli(
+        "serve", "--port", str(free_port()), "--data-dir", str(data), *args, env=cli_env(**env)
+    )
+    assert_refused_before_start(result, first)
+    assert assert_one_error_line(result.stderr) == first
+    assert result.stderr.splitlines()[1].startswith(hint), result.stderr
+    assert not data.exists()
+
+
+def test_serve_s_retry_options_reach_the_workers_and_the_banner(
+    server_process: Callable[..., ServerProcess],
+) -> None:
+    args = ("--max-attempts", "2", "--retry-base", "0.05", "--retry-max", "0.1", "--workers", "2")
+    # The environment says otherwise: the options win.
+    server = server_process(args=args, env={"BGTASKS_MAX_ATTEMPTS": "7"})
+    banner = " ".join(server.log().split("INFO:")[0].split())
+    assert "retries up to 2 attempts · backoff 0.05 s, doubling to 0.1 s, jittered" in banner
+    (server.data_dir / "README.md").mkdir()
+    request_ids = [
+        httpx.post(f"{server.url}/background_tasks", params={"framework": f"F{n}"}).headers[
+            "x-request-id"
+        ]
+        for n in range(4)  # to both workers, most likely
+    ]
+
+    def dead() -> list[dict[str, Any]] | None:
+        tasks = [httpx.get(f"{server.url}/requests/{r}").json()["tasks"][0] for r in request_ids]
+        return tasks if all(t["status"] == "failed" for t in tasks) else None
+
+    assert {t["attempts"] for t in wait_until(dead, timeout=20)} == {2}
+    assert server.stop(signal.SIGINT, timeout=30) == 0

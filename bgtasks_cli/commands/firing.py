@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -13,78 +13,7 @@ from bgtasks_cli.options import (
     UrlOpt,
     WaitOpt,
     console,
-    print_json,
 )
-from server.status import ENDED
-
-if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
-
-    from bgtasks_cli.client import Client, Fired, Outcome
-
-
-def run_request(
-    client: Client,
-    path: str,
-    params: dict[str, Any] | None,
-    *,
-    wait: bool,
-    timeout: float,
-    as_json: bool,
-    out: Console,
-    table: bool = False,
-) -> Outcome:
-    """Fire one request; print the response the moment it arrives, then follow its tasks and
-    show its timeline: the picture, or with `table` the table of its events."""
-    from bgtasks_cli import render
-
-    if as_json:
-        outcome = client.run(path, params, wait=wait, timeout=timeout)
-        print_json(render.outcome_json(outcome))
-        return outcome
-
-    if not wait:
-        outcome = client.run(path, params, wait=False, timeout=timeout)
-        out.print(render.response_line(outcome.fired))
-        return outcome
-
-    shown: set[str] = set()
-    status = out.status("waiting for the background tasks…")
-
-    def on_response(fired: Fired) -> None:
-        out.print(render.response_line(fired))
-        status.start()
-
-    def on_update(fired: Fired, record: dict[str, Any]) -> None:
-        tasks = record.get("tasks", [])
-        for task in tasks:
-            if task["status"] in ENDED and task["id"] not in shown:
-                shown.add(task["id"])
-                out.print(render.task_line(task, fired.client_received_at))
-        left = sum(1 for t in tasks if t["id"] not in shown)
-        status.update(f"waiting for {left} background task{'s' * (left != 1)}…")
-
-    try:
-        outcome = client.run(
-            path, params, wait=True, timeout=timeout, on_update=on_update, on_response=on_response
-        )
-    finally:
-        status.stop()
-    out.print(timeline_view(outcome, table=table, width=out.width))
-    out.print(render.verdict(outcome))
-    return outcome
-
-
-def timeline_view(outcome: Outcome, *, table: bool, width: int) -> RenderableType:
-    """The followed request's timeline: its picture, or with `table` its events as a table."""
-    import time
-
-    from bgtasks_cli import picture, render
-
-    if table:
-        return render.timeline(outcome.record, outcome.fired)
-    # A task that did not end in time is drawn up to now.
-    return picture.draw_outcome(outcome, width=width, now=time.time())
 
 
 def _fire(
@@ -99,6 +28,7 @@ def _fire(
 ) -> None:
     from bgtasks_cli.client import Client
     from bgtasks_cli.errors import EXIT_FAILED
+    from bgtasks_cli.following import run_request
     from bgtasks_cli.state import resolve_url
 
     with Client(resolve_url(url)) as client:

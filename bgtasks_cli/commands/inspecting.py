@@ -97,16 +97,20 @@ def tasks(
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show recent tasks: their request, what they write, when they were queued, started and
-    finished, and how long each step took. Narrow terminals get fewer columns.
+    """Show recent tasks: their status and attempts, what they write, and when.
+
+    Each task's request, status, attempts and what it writes, when it was queued, started
+    and finished, and how long each step took; a retrying task shows when its next attempt
+    is due. Narrow terminals get fewer columns. `--status` takes queued, running, retrying,
+    done, failed, recovered or cancelled.
 
     Example: `bgtasks tasks --status failed`
     """
     import time
 
-    from bgtasks_cli import render
     from bgtasks_cli.client import Client
     from bgtasks_cli.state import resolve_url
+    from bgtasks_cli.tasks_table import tasks_table
 
     wanted = status.value if status else None
     with Client(resolve_url(url)) as client:
@@ -116,27 +120,29 @@ def tasks(
                 print_json(rows)
             else:
                 out = console()
-                out.print(render.tasks_table(rows, width=out.width))
+                out.print(tasks_table(rows, width=out.width))
             return
         try:
             if as_json:
-                seen: dict[str, str] = {}
+                # A retrying task changes without changing its status: each attempt counts.
+                seen: dict[str, tuple[str, int]] = {}
                 while True:
                     for row in reversed(rows):
-                        if seen.get(row["id"]) != row["status"]:
-                            seen[row["id"]] = row["status"]
+                        now = (row["status"], row.get("attempts") or 0)
+                        if seen.get(row["id"]) != now:
+                            seen[row["id"]] = now
                             print_json(row)
                     time.sleep(interval)
                     rows = client.tasks(wanted, limit)
             from rich.live import Live
 
             out = console()
-            table = render.tasks_table(rows, width=out.width)
+            table = tasks_table(rows, width=out.width)
             with Live(table, console=out, auto_refresh=False) as live:
                 while True:
                     time.sleep(interval)
                     rows = client.tasks(wanted, limit)
-                    live.update(render.tasks_table(rows, width=out.width), refresh=True)
+                    live.update(tasks_table(rows, width=out.width), refresh=True)
         except KeyboardInterrupt:
             pass
 

@@ -25,13 +25,13 @@ DEMO_REQUESTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ),
     ("readme: one heading appended to README.md", "/background_tasks", {"framework": "FastAPI"}),
 )
-# What the demo's end points to next. `--fail` (a task that fails and is retried) joins this
-# list when retries land.
+# What the demo's end points to next.
 DEMO_NEXT: tuple[tuple[str, str], ...] = (
     (
         "bgtasks demo --crash",
         "what kill -9 mid-task does to acknowledged work, with and without bgtasks",
     ),
+    ("bgtasks demo --fail", "a task that fails, is tried again, and heals once its fault goes"),
 )
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
@@ -80,6 +80,36 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=100,
+            help="Attempts a task gets before it is failed for good. Default: "
+            "BGTASKS_MAX_ATTEMPTS, else 5.",
+            show_default=False,
+        ),
+    ] = None,
+    retry_base: Annotated[
+        float | None,
+        typer.Option(
+            max=3600,
+            callback=finite,
+            help="Seconds: the longest wait before a second attempt, doubling for each after "
+            "(a random wait up to it). Default: BGTASKS_RETRY_BASE, else 0.5.",
+            show_default=False,
+        ),
+    ] = None,
+    retry_max: Annotated[
+        float | None,
+        typer.Option(
+            max=86400,
+            callback=finite,
+            help="Seconds: the longest wait between two attempts. Default: "
+            "BGTASKS_RETRY_MAX, else 60.",
+            show_default=False,
+        ),
+    ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     log_format: Annotated[
         LogFormat | None,
@@ -109,6 +139,9 @@ def serve(
         "delay": delay,
         "drain_timeout": drain_timeout,
         "log_format": log_format and log_format.value,
+        "max_attempts": max_attempts,
+        "retry_base": retry_base,
+        "retry_max": retry_max,
     }
     settings = launcher.load_settings(**{k: v for k, v in given.items() if v is not None})
     out = console()
@@ -132,6 +165,7 @@ def serve(
                 workers=workers,
                 drain_timeout=settings.drain_timeout,
                 version=__version__,
+                retries=(settings.max_attempts, settings.retry_base, settings.retry_max),
             )
         )
     launcher.serve(
@@ -141,6 +175,7 @@ def serve(
         data_dir=directory,
         delay=settings.delay,
         drain_timeout=settings.drain_timeout,
+        retries=(settings.max_attempts, settings.retry_base, settings.retry_max),
         access_log=access_log,
         record_state=state_file,
         log_format=settings.log_format,
@@ -166,13 +201,23 @@ def demo(
             "lines. Exit 0 if bgtasks lost and doubled none, else 1.",
         ),
     ] = False,
+    fail: Annotated[
+        bool,
+        typer.Option(
+            "--fail",
+            help="Instead: a task whose file cannot be written (the demo makes it a "
+            "directory), each attempt failing live, then the fault removed and the task "
+            "healed. Exit 0 if it healed, else 1.",
+        ),
+    ] = False,
     table: TableOpt = False,
     as_json: Annotated[
         bool,
         typer.Option(
             "--json",
-            help='With --crash: print only the report, {"plain": {...}, "bgtasks": {...}} '
-            "(progress goes to stderr).",
+            help='With --crash: print only the report, {"plain": {...}, "bgtasks": {...}}; '
+            "with --fail: what the demo did and the request's record. Progress goes to "
+            "stderr.",
         ),
     ] = False,
 ) -> None:
@@ -181,12 +226,15 @@ def demo(
 
     Notifies and appends to README, then draws each request's timeline (`--table`: a table
     of its events) and what `bgtasks tail` saw. `--crash` shows instead what `kill -9` does
-    to acknowledged work. Cleans up after itself, Ctrl-C included (exit 130).
+    to acknowledged work; `--fail` what a failing task looks like and how it heals. Cleans
+    up after itself, Ctrl-C included (exit 130).
 
-    Example: `bgtasks demo`, or `bgtasks demo --crash`
+    Example: `bgtasks demo`, `bgtasks demo --crash` or `bgtasks demo --fail`
     """
-    if as_json and not crash:
-        raise typer.BadParameter("--json goes with --crash", param_hint="--json")
+    if crash and fail:
+        raise typer.BadParameter("--crash and --fail are two demos: give one", param_hint="--fail")
+    if as_json and not (crash or fail):
+        raise typer.BadParameter("--json goes with --crash or --fail", param_hint="--json")
     if table and crash:
         raise typer.BadParameter(
             "--table is for the timelines; --crash shows no timeline", param_hint="--table"
@@ -194,12 +242,15 @@ def demo(
     from rich.rule import Rule
     from rich.text import Text
 
-    from bgtasks_cli import launcher
+    from bgtasks_cli import fail_demo, launcher
 
     # The servers inherit the environment: check it here rather than let them die of it.
-    launcher.load_settings(delay=delay)
+    launcher.load_settings(delay=delay, **(fail_demo.RETRIES if fail else {}))
     if crash:
         _crash_demo(delay, as_json=as_json)
+        return
+    if fail:
+        _fail_demo(delay, as_json=as_json, table=table)
         return
     outcomes = _timelines_demo(delay, table=table)
     out = console()
@@ -214,9 +265,10 @@ def _timelines_demo(delay: float, *, table: bool) -> list[Outcome]:
     """`demo`: the seed's requests against a throwaway server, and what `tail` saw."""
     from rich.rule import Rule
 
-    from bgtasks_cli import launcher, render
+    from bgtasks_cli import render
     from bgtasks_cli.client import Client
-    from bgtasks_cli.commands.firing import run_request
+    from bgtasks_cli.demo_server import DemoServer
+    from bgtasks_cli.following import run_request
     from bgtasks_cli.tailer import FILE_CHOICES, Tailer
 
     out = console()
@@ -224,7 +276,7 @@ def _timelines_demo(delay: float, *, table: bool) -> list[Outcome]:
     seen: list[TailEvent] = []
     stop = threading.Event()
     follower = threading.Thread(target=lambda: None)
-    server = launcher.DemoServer(delay=delay)
+    server = DemoServer(delay=delay)
     try:
         with out.status("starting a demo server…"):
             server.start()
@@ -256,6 +308,28 @@ def _timelines_demo(delay: float, *, table: bool) -> list[Outcome]:
             follower.join(timeout=5)
         server.stop()
     return outcomes
+
+
+def _fail_demo(delay: float, *, as_json: bool, table: bool) -> None:
+    """`demo --fail`: the live view on stdout (on stderr with `as_json`, the JSON document
+    then on stdout); exit 1 unless the task healed, 130 on Ctrl-C."""
+    from rich.console import Console
+
+    from bgtasks_cli import fail_demo
+
+    progress = Console(stderr=True, highlight=False, emoji=False) if as_json else console()
+    try:
+        report = fail_demo.run(delay, out=progress, table=table)
+    except KeyboardInterrupt:
+        # fail_demo.run has stopped the server and removed its directory by now.
+        Console(stderr=True, highlight=False).print(
+            "interrupted: the demo server is stopped and its files removed", markup=False
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        print_json(fail_demo.report_json(report))
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _crash_demo(delay: float, *, as_json: bool) -> None:
