@@ -88,6 +88,9 @@ class GroupCommit:
         self._stalled_since: float | None = None
         # Set (and replaced) at each commit: what a stream of events waits on.
         self.committed = asyncio.Event()
+        # Events are made only while a stream listens (Unix seconds; see Registry.listen):
+        # making them costs an eighth of a notification's CPU.
+        self.recording_until = 0.0
 
     # -- what the registry hands over ------------------------------------------------------
 
@@ -123,7 +126,7 @@ class GroupCommit:
 
     def note_event(self, event: Event) -> None:
         """Record an event of a change made outside the group commit, with the next commit."""
-        if self.fault is None:
+        if self.fault is None and time.time() < self.recording_until:
             self.next.changes.events.append(event)
             self.schedule(NOTE_WINDOW_S)
 
@@ -222,7 +225,8 @@ class GroupCommit:
                         task.started_at = claimed_at
                 locked.append((name, fd, submissions))
             lines = [[task for task, _ in items] for _, _, items in locked]
-            events = _events(batch.changes, lines, claimed_at)
+            recording = claimed_at < self.recording_until
+            events = _events(batch.changes, lines, claimed_at) if recording else []
             try:
                 began = time.perf_counter()
                 claims = await self.store.commit(batch.changes, lines, events)  # rules 1 and 2

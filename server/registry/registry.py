@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,11 @@ from server.status import TaskStatus
 logger = logging.getLogger("bgtasks.registry")
 
 WATCH_EVERY_S = 1.0
+# A stream asks every process to record events for LISTEN_LEASE_S, and asks again every
+# LISTEN_RENEW_S while it is open: a client that reconnects within the lease loses nothing.
+LISTEN_LEASE_S = 300.0
+LISTEN_RENEW_S = 30.0
+LISTEN_POLL_S = 0.1  # how often each process looks whether a stream opened
 
 
 class OwnerAlive(RegistryError):
@@ -57,6 +63,8 @@ class Registry:
             store, self._files, lock_timeout=lock_timeout, observer=observer
         )
         self._watcher: asyncio.Task[None] | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._recording_since = math.inf  # when this process last began to record events
         # Who runs the tasks adopted from owners that die while this process serves.
         self.on_adopted: Callable[[list[TaskRecord]], None] | None = None
         self.commit_intents = self._commits.commit_intents
@@ -102,7 +110,34 @@ class Registry:
             self.note_event(task_event(task))
         if self.store.shared:
             self._watcher = asyncio.create_task(self._watch_dead_owners())
+        self._listening = asyncio.create_task(self._watch_listeners())
         return adopted
+
+    # -- events are recorded while a stream listens -----------------------------------------
+
+    async def listen(self) -> None:
+        """Have every process record events for the lease from now; return once all of them
+        do (at once if they already did), so a stream opened now misses none of theirs."""
+        until = time.time() + LISTEN_LEASE_S
+        with self._watch():
+            await self.store.listen(until)
+        self._record_until(until)
+        # Every other process looks within LISTEN_POLL_S of when this one saw the lease, and
+        # a second period allows for a look that was slow.
+        await asyncio.sleep(max(0.0, self._recording_since + 2 * LISTEN_POLL_S - time.time()))
+
+    def _record_until(self, until: float) -> None:
+        now = time.time()
+        if self._commits.recording_until <= now < until:
+            self._recording_since = now
+        self._commits.recording_until = max(self._commits.recording_until, until)
+
+    async def _watch_listeners(self) -> None:
+        """Every LISTEN_POLL_S, learn whether a stream in any process asked for events."""
+        while True:
+            await asyncio.sleep(LISTEN_POLL_S)
+            with contextlib.suppress(RegistryError):  # the group commit reports store trouble
+                self._record_until(await self.store.listened_until())
 
     async def _watch_dead_owners(self) -> None:
         """In a store other machines share, owners die while this one serves: every
@@ -133,11 +168,12 @@ class Registry:
     async def close(self) -> None:
         """Commit everything waiting, close the store and let go of the owner lock. Tasks
         not finished stay unfinished in the store, for the next start to recover."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        for watcher in (self._watcher, self._listening):
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        self._watcher = self._listening = None
         if self._commits.fault is None:
             await self._commits.drain()
         await self.store.close()

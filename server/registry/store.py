@@ -176,6 +176,16 @@ class Store(Protocol):
     async def count_unfinished(self) -> int:
         """How many tasks have not ended."""
 
+    event_cursor: str
+    """The shape of this store's cursors in the event log, as a regular expression."""
+
+    async def listen(self, until: float) -> None:
+        """Ask every process sharing the store to record events until `until` (Unix seconds):
+        a stream of them is open."""
+
+    async def listened_until(self) -> float:
+        """Until when events are to be recorded (0.0 if no stream ever asked)."""
+
     async def last_event_commit(self) -> str:
         """Where the event log ends now: a cursor for `events_after`."""
 

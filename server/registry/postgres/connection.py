@@ -3,9 +3,10 @@ and psycopg's errors as the registry's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
@@ -13,6 +14,8 @@ from psycopg.types.array import ListBinaryDumper
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 
 from server.registry.store import StoreBusy, StoreFault
+
+T = TypeVar("T")
 
 # A host that loses its network sends nothing: its sessions end, and its lock is freed, only
 # once TCP keepalives fail. These make that about 11 s on both sides, not two hours. A plan
@@ -35,6 +38,13 @@ def lock_key(owner: str) -> int:
     """The second key of an owner's advisory lock: its 8 hex digits, as a signed int4."""
     value = int(owner, 16)
     return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def shielded(read: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """A read on the connection the process's reads share, run to its end even if its caller
+    is cancelled (a client that closed its event stream): psycopg closes a connection whose
+    query is cancelled midway, which would fail every read of the process after it."""
+    return asyncio.shield(read)
 
 
 async def connect(url: str, name: str, **kwargs: Any) -> AsyncConnection[Any]:

@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS bgtasks.events (
     body text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_in_order ON bgtasks.events (txid, id);
+CREATE TABLE IF NOT EXISTS bgtasks.listening (
+    one integer PRIMARY KEY CHECK (one = 1),
+    until double precision NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bgtasks.owners (
     owner text PRIMARY KEY,
     host text NOT NULL,
@@ -89,7 +93,8 @@ CREATE TABLE IF NOT EXISTS bgtasks.owners (
 claim statement itself (rule 13), and cleared when an attempt failed (nothing of its line is
 left in the file). A claim's `data_dir` names the data directory its file is in (its
 `.bgtasks/id`). `failures` holds each task's failed attempts. `events` is the event log: one
-row per commit that made any; `txid` orders it (see `events_after`)."""
+row per commit that made any; `txid` orders it (see `events_after`). It is written only while
+`listening.until` (one row: when the last open stream's lease runs out) is in the future."""
 
 
 async def create_or_migrate(conn: AsyncConnection[Any]) -> None:

@@ -29,9 +29,9 @@ from server.registry.events import Event, encode
 from server.registry.owners import data_dir_id
 from server.registry.postgres import queries, recovery
 from server.registry.postgres import statements as sql
-from server.registry.postgres.connection import LOCKS, connect, lock_key, translated
+from server.registry.postgres.connection import LOCKS, connect, lock_key, shielded, translated
 from server.registry.postgres.schema import NAMESPACE, create_or_migrate
-from server.registry.store import Changes, DeadOwnerWork, StoreBusy, StoreFault
+from server.registry.store import Changes, DeadOwnerWork, StoreFault
 from server.status import UNFINISHED, TaskStatus
 
 PRUNE_EVERY = 500
@@ -54,6 +54,7 @@ class PostgresStore:
         self._reader: AsyncConnection[Any] | None = None
         self._lock_held = False
         self._writing = asyncio.Lock()  # one transaction at a time on the commit connection
+        self._reconnecting = asyncio.Lock()
         self._since_prune = 0
         self._prune_every = max(1, min(PRUNE_EVERY, retention // 10))
 
@@ -230,35 +231,41 @@ class PostgresStore:
 
     async def is_alive(self, owner: str) -> bool:
         with translated("read", self.url):
-            cursor = await self._read().execute(
-                LOCKS + " AND objid = %s::oid", (NAMESPACE, int(owner, 16))
+            cursor = await shielded(
+                (await self._read()).execute(
+                    LOCKS + " AND objid = %s::oid", (NAMESPACE, int(owner, 16))
+                )
             )
             row = await cursor.fetchone()
         return bool(row and row["n"])
 
     async def live_owners(self) -> int:
         with translated("read", self.url):
-            cursor = await self._read().execute(LOCKS, (NAMESPACE,))
+            cursor = await shielded((await self._read()).execute(LOCKS, (NAMESPACE,)))
             row = await cursor.fetchone()
         return int(row["n"]) if row else 0
 
     async def owners_with_unfinished_tasks(self) -> set[str]:
         with translated("read", self.url):
-            cursor = await self._read().execute(
-                f"SELECT DISTINCT owner FROM bgtasks.tasks WHERE status IN ({_UNFINISHED})"
+            cursor = await shielded(
+                (await self._read()).execute(
+                    f"SELECT DISTINCT owner FROM bgtasks.tasks WHERE status IN ({_UNFINISHED})"
+                )
             )
             return {row["owner"] for row in await cursor.fetchall()}
 
     async def dead_owner_work(self, owner: str) -> DeadOwnerWork:
         with translated("read", self.url):
-            return await recovery.dead_owner_work(self._read(), owner, self._here)
+            return await shielded(recovery.dead_owner_work(await self._read(), owner, self._here))
 
     async def earliest_later_start(self, claim: Claim) -> int | None:
         with translated("read", self.url):
-            cursor = await self._read().execute(
-                "SELECT min(start) AS start FROM bgtasks.claims WHERE data_dir = %s"
-                " AND file = %s AND inode = %s AND claim > %s",
-                (self._here, claim.file, claim.inode, claim.number),
+            cursor = await shielded(
+                (await self._read()).execute(
+                    "SELECT min(start) AS start FROM bgtasks.claims WHERE data_dir = %s"
+                    " AND file = %s AND inode = %s AND claim > %s",
+                    (self._here, claim.file, claim.inode, claim.number),
+                )
             )
             row = await cursor.fetchone()
         return None if row is None or row["start"] is None else int(row["start"])
@@ -324,34 +331,53 @@ class PostgresStore:
 
     async def lost_lines(self, owner: str) -> tuple[dict[str, Any] | None, list[TaskRecord]]:
         with translated("read", self.url):
-            return await recovery.lost_lines(self._read(), owner, self._here)
+            return await shielded(recovery.lost_lines(await self._read(), owner, self._here))
 
     # -- reads -----------------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
         with translated("read", self.url):
-            return await queries.get_task(self._read(), task_id)
+            return await shielded(queries.get_task(await self._read(), task_id))
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         with translated("read", self.url):
-            return await queries.get_request(self._read(), request_id)
+            return await shielded(queries.get_request(await self._read(), request_id))
 
     async def list_tasks(self, status: TaskStatus | None, limit: int) -> list[dict[str, Any]]:
         with translated("read", self.url):
-            return await queries.list_tasks(self._read(), status, limit)
+            return await shielded(queries.list_tasks(await self._read(), status, limit))
 
     async def count_unfinished(self) -> int:
         with translated("read", self.url):
-            return await queries.count_unfinished(self._read())
+            return await shielded(queries.count_unfinished(await self._read()))
 
     # Transactions of several processes commit in any order, so the log is read in the order
     # of their ids, and only below the oldest one still running: nothing that commits later
     # can sort before what a stream has read.
 
+    event_cursor = r"[0-9]{1,19}\.[0-9]{1,18}"  # a transaction's id, its row's id
+
+    async def listen(self, until: float) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO bgtasks.listening VALUES (1, %s) ON CONFLICT (one)"
+                " DO UPDATE SET until = greatest(listening.until, excluded.until)",
+                (until,),
+            )
+
+    async def listened_until(self) -> float:
+        with translated("read", self.url):
+            reader = await self._read()
+            found = await shielded(reader.execute("SELECT max(until) AS u FROM bgtasks.listening"))
+            row = await found.fetchone()
+        return float(row["u"] or 0.0) if row else 0.0
+
     async def last_event_commit(self) -> str:
         with translated("read", self.url):
-            cursor = await self._read().execute(
-                "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1)::text AS x"
+            cursor = await shielded(
+                (await self._read()).execute(
+                    "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1)::text AS x"
+                )
             )
             row = await cursor.fetchone()
         return f"{row['x'] if row else 0}.{2**63 - 1}"
@@ -362,19 +388,28 @@ class PostgresStore:
         txid, _, after = cursor.partition(".")
         start = int(after or 0) - (1 if inclusive else 0)
         with translated("read", self.url):
-            found = await self._read().execute(
-                "SELECT txid::text || '.' || id AS cursor, body FROM bgtasks.events"
-                " WHERE (txid, id) > (%s::text::xid8, %s)"
-                " AND txid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY txid, id LIMIT %s",
-                (txid, start, limit),
+            found = await shielded(
+                (await self._read()).execute(
+                    "SELECT txid::text || '.' || id AS cursor, body FROM bgtasks.events"
+                    " WHERE (txid, id) > (%s::text::xid8, %s)"
+                    " AND txid < pg_snapshot_xmin(pg_current_snapshot())"
+                    " ORDER BY txid, id LIMIT %s",
+                    (txid, start, limit),
+                )
             )
             return [(row["cursor"], row["body"]) for row in await found.fetchall()]
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _read(self) -> AsyncConnection[Any]:
-        if self._reader is None or self._reader.broken:
-            raise StoreBusy("the task registry's read connection is down")
+    async def _read(self) -> AsyncConnection[Any]:
+        """The read connection, made again if it was lost (a restarted server, a cut)."""
+        if self._reader is None:
+            raise StoreFault("the task registry is not open")
+        if self._reader.broken or self._reader.closed:
+            async with self._reconnecting:
+                if self._reader.broken or self._reader.closed:
+                    name = f"bgtasks {self.owner} reads"
+                    self._reader = await connect(self.url, name, row_factory=dict_row)
         return self._reader
 
     @asynccontextmanager

@@ -66,11 +66,16 @@ CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS listening (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    until REAL NOT NULL
+);
 """
 """A request's tasks are the keys first_task..last_task (both given at its intent's commit).
 A claim's `tasks` is a JSON array of task keys in write order. `failures` holds each task's
 failed attempts (its key, the attempt's number). `events` is the event log: one row per commit
-that made any, numbered in commit order, its events as a JSON array."""
+that made any, numbered in commit order, its events as a JSON array; it is written only while
+`listening.until` (one row: when the last open stream's lease runs out) is in the future."""
 
 # SQLite's result codes that say the file itself is unusable, rather than busy for a moment.
 _FAULTS = frozenset(

@@ -212,6 +212,21 @@ class SqliteStore:
         with self._translated():
             return queries.count_unfinished(self._read())
 
+    event_cursor = r"[0-9]{1,18}"  # a commit number
+
+    async def listen(self, until: float) -> None:
+        async with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO listening VALUES (1, ?)"
+                " ON CONFLICT (one) DO UPDATE SET until = max(until, excluded.until)",
+                (until,),
+            )
+
+    async def listened_until(self) -> float:
+        with self._translated():
+            row = self._read().execute("SELECT max(until) FROM listening").fetchone()
+        return float(row[0] or 0.0)
+
     async def last_event_commit(self) -> str:
         with self._translated():
             return queries.last_event_commit(self._read())
