@@ -240,7 +240,7 @@ def demo(
             "--table is for the timelines; --crash shows no timeline", param_hint="--table"
         )
     from rich.rule import Rule
-    from rich.text import Text
+    from rich.table import Table
 
     from bgtasks_cli import fail_demo, launcher
 
@@ -255,8 +255,12 @@ def demo(
     outcomes = _timelines_demo(delay, table=table)
     out = console()
     out.print(Rule("more demos", align="left"))
+    more = Table.grid(padding=(0, 2))  # a long description wraps under itself
+    more.add_column(style="bold", no_wrap=True)
+    more.add_column()
     for command, what in DEMO_NEXT:
-        out.print(Text.assemble("  ", (command, "bold"), f"  {what}"))
+        more.add_row(f"  {command}", what)
+    out.print(more)
     if not all(outcome.ok for outcome in outcomes):
         raise typer.Exit(EXIT_FAILED)
 
