@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
 from bgtasks_cli.errors import (
@@ -19,6 +19,9 @@ from bgtasks_cli.errors import (
     WrongServer,
 )
 from server.status import ENDED, SUCCEEDED, TaskStatus
+
+if TYPE_CHECKING:
+    from bgtasks_cli.sse import EventStream
 
 # httpx's __init__ imports its own command line (click, rich, pygments) whenever click is
 # installed, and uvicorn installs it: 80-130 ms of every `bgtasks notify` spent on code this
@@ -338,24 +341,17 @@ class Client:
         self, fired: Fired, *, timeout: float, poll: float = 0.05
     ) -> Iterator[dict[str, Any]]:
         """Yield the request's record each time it changes, until its tasks all ended and its
-        response time is recorded, or `timeout` seconds pass. Only a 404 means "not recorded
-        yet"; any other failure is raised at once."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] | None = None
-        while True:
-            record = self.request_record(fired.request_id) or {
-                "id": fired.request_id,
-                "tasks": [],
-            }
-            if record != last:
-                last = record
-                yield record
-            tasks = record.get("tasks", [])
-            if record.get("response_sent_at") and all(t["status"] in ENDED for t in tasks):
-                return
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(poll)
+        response time is recorded, or `timeout` seconds pass: looked up again on each of its
+        events (bgtasks_cli.watching), or every `poll` s if the server has no event stream."""
+        from bgtasks_cli.watching import follow
+
+        return follow(self, fired, timeout=timeout, poll=poll)
+
+    def events(self, request_id: str | None = None) -> EventStream:
+        """The server's event stream (of one request), not yet opened."""
+        from bgtasks_cli.sse import EventStream
+
+        return EventStream(self._http, {"request_id": request_id} if request_id else None)
 
     def run(
         self,
