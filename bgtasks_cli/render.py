@@ -32,7 +32,7 @@ STATUS_STYLE = {
     TaskStatus.FAILED: "bold red",
     TaskStatus.CANCELLED: "dim",
 }
-SOURCE_STYLE = {"log.txt": "cyan", "README.md": "magenta", "server": "yellow"}
+SOURCE_STYLE = {"log.txt": "cyan", "README.md": "magenta", "events": "yellow"}
 
 
 def clock(at: float | None) -> str:

@@ -4,6 +4,12 @@ falls back to polling on a server without them; against real uvicorn servers in 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +19,10 @@ from fastapi import FastAPI
 from typer.testing import CliRunner, Result
 
 from bgtasks_cli.cli import app
+from bgtasks_cli.client import Client
 from server.app import create_app
 from server.config import Settings
-from tests.helpers import LiveServer, serve_app
+from tests.helpers import LiveServer, free_port, serve_app, wait_until
 
 ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
 
@@ -76,3 +83,113 @@ def test_notify_polls_a_server_without_events(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["server"]["tasks"][0]["status"] == "done"
     assert counting.gets("/events") == 1
     assert counting.gets("/requests/") > 2  # it polled
+
+
+class Tail:
+    """`bgtasks tail --json` in a subprocess (it follows until Ctrl-C); `lines` fills as it
+    prints."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bgtasks_cli", "tail", "--json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **ENV},
+        )
+        self.lines: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def stop(self) -> str:
+        """Ctrl-C; what it wrote on stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=15)
+        self._reader.join(timeout=5)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+class Opened(Counting):
+    """Counting, and `streaming` set once a /events response's headers were sent."""
+
+    def __init__(self, inner: FastAPI) -> None:
+        super().__init__(inner)
+        self.streaming = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def sent(message: dict[str, Any]) -> None:
+            await send(message)
+            if message["type"] == "http.response.start" and scope.get("path") == "/events":
+                self.streaming.set()
+
+        await super().__call__(scope, receive, sent)
+
+
+def test_tail_events_shows_a_notifys_events_in_order(tmp_path: Path) -> None:
+    opened = Opened(create_app(_settings(tmp_path, delay=0.1)))
+    with serve_app(opened, tmp_path / "data") as live:
+        tail = Tail("--events", "-n", "0", "--data-dir", str(tmp_path / "data"), "--url", live.url)
+        try:
+            assert opened.streaming.wait(30), "tail never opened the event stream"
+            with Client(live.url) as client:
+                outcome = client.run("/send-notification/a@b.c", {"q": "x"}, wait=True, timeout=10)
+            assert outcome.ok
+            rid = outcome.fired.request_id
+            wait_until(lambda: any(e["text"] == "message to a@b.c" for e in tail.lines))
+            wait_until(lambda: sum(" done" in e["text"] for e in tail.lines) == 2)
+        finally:
+            err = tail.stop()
+    assert err == ""
+    events = [e for e in tail.lines if e["source"] == "events"]
+    assert {e["request_id"] for e in events} == {rid}
+    assert set(events[0]) == {"at", "backlog", "source", "kind", "text", "request_id", "task_id"}
+    texts = [e["text"].split(" (req")[0] for e in events]
+    first, second = (t["id"] for t in outcome.tasks)
+    assert texts == [
+        "request received POST /send-notification/a@b.c",
+        f"task {first} queued -> log.txt",
+        f"task {second} queued -> log.txt",
+        "response sent 200 POST /send-notification/a@b.c",
+        f"task {first} started (attempt 1) -> log.txt",
+        f"task {first} done -> log.txt",
+        f"task {second} started (attempt 1) -> log.txt",
+        f"task {second} done -> log.txt",
+    ]
+    # File lines come in the order the follower saw them: each after its task started.
+    order = [e["text"] for e in tail.lines if e["kind"] in ("line", "event")]
+    assert order.index(f"task {first} started (attempt 1) -> log.txt") < order.index(
+        "found query: x"
+    )
+    assert order.index(f"task {second} started (attempt 1) -> log.txt") < order.index(
+        "message to a@b.c"
+    )
+
+
+def test_tail_events_with_the_server_down_follows_the_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    url = f"http://127.0.0.1:{free_port()}"
+    tail = Tail("--events", "-n", "0", "--data-dir", str(data), "--url", url)
+    try:
+        deadline = time.monotonic() + 30
+        # Until the follower runs, a line written now could count as backlog: write until
+        # one shows.
+        while not tail.lines and time.monotonic() < deadline:
+            (data / "log.txt").open("a").write("hello\n")
+            time.sleep(0.2)
+        assert tail.lines and tail.lines[0]["text"] == "hello"
+        assert tail.lines[0]["source"] == "log.txt"
+    finally:
+        err = tail.stop()
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: the server's events are unavailable at {url} ([Errno 111] Connection refused);"
+        " following the files only"
+    ], err
+    assert "start it with `bgtasks serve`" in err

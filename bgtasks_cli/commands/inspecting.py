@@ -39,44 +39,64 @@ def tail(
     ] = True,
     events: Annotated[
         bool,
-        typer.Option("--events", help="Interleave the server's request and task events."),
+        typer.Option(
+            "--events", help="Interleave the server's request and task events (GET /events)."
+        ),
     ] = False,
     data_dir: DataDirOpt = None,
+    url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Follow log.txt and README.md like `tail -F`: each new line with the time it appeared.
 
     Backlog lines (there before `tail` started) are marked `backlog`: when they appeared is
     not known. Files that appear later, are truncated, or are deleted and recreated are
-    followed on. Stop with Ctrl-C.
+    followed on. `--events` adds the server's events from `--url`, in the order they came;
+    if that server is down, the files are still followed. Stop with Ctrl-C.
 
     Example: `bgtasks tail --file log -n 0 --events`
     """
+    from contextlib import nullcontext
+
     from bgtasks_cli import render
-    from bgtasks_cli.state import resolve_data_dir
+    from bgtasks_cli.client import START_HINT, Client
+    from bgtasks_cli.errors import BgtasksError
+    from bgtasks_cli.state import resolve_data_dir, resolve_url
     from bgtasks_cli.tailer import FILE_CHOICES, Tailer
 
-    tailer = Tailer(
-        resolve_data_dir(data_dir), FILE_CHOICES[file.value], backlog=lines, events=events
-    )
-    out = console()
+    base = resolve_url(url) if events and follow else None
+    client = Client(base) if base else None
+    with client or nullcontext():
+        tailer = Tailer(
+            resolve_data_dir(data_dir),
+            FILE_CHOICES[file.value],
+            backlog=lines,
+            events=client.events() if client else None,
+        )
+        out = console()
 
-    def show(event: TailEvent) -> None:
-        if as_json:
-            print_json(render.tail_json(event))
-        else:
-            out.print(render.tail_line(event), soft_wrap=True)
+        def show(event: TailEvent) -> None:
+            if event.kind == "unavailable":
+                BgtasksError(
+                    f"the server's events are unavailable at {base} ({event.text});"
+                    " following the files only",
+                    START_HINT,
+                ).show()
+            elif as_json:
+                print_json(render.tail_json(event))
+            else:
+                out.print(render.tail_line(event), soft_wrap=True)
 
-    for event in tailer.initial():
-        show(event)
-    if not follow:
-        return
-    stop = threading.Event()
-    try:
-        for event in tailer.follow(stop):
+        for event in tailer.initial():
             show(event)
-    except KeyboardInterrupt:
-        stop.set()
+        if not follow:
+            return
+        stop = threading.Event()
+        try:
+            for event in tailer.follow(stop):
+                show(event)
+        except KeyboardInterrupt:
+            stop.set()
 
 
 def tasks(
