@@ -207,6 +207,9 @@ class Client:
     ) -> httpx.Response:
         try:
             return self._http.request(method, path, params=params, headers=headers)
+        except UnicodeEncodeError:
+            # Text with lone surrogates (bytes that were not UTF-8); the CLI refuses it first.
+            raise InvalidInput(f"{method} {path}: the input is not UTF-8 text") from None
         except httpx.TransportError as exc:
             raise ServerUnreachable(
                 f"no bgtasks server answers at {self.base_url} ({type(exc).__name__})", START_HINT
