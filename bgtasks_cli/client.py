@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from bgtasks_cli.errors import (
     BgtasksError,
@@ -30,8 +28,9 @@ if TYPE_CHECKING:
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
+from bgtasks_cli.urls import check_url  # noqa: E402  (it imports httpx)
+
 START_HINT = "start it with `bgtasks serve`, or point --url / BGTASKS_URL at a running server"
-URL_HINT = "give --url or BGTASKS_URL as http://HOST:PORT, e.g. http://127.0.0.1:8000"
 WRONG_SERVER_HINT = (
     "is --url / BGTASKS_URL the address `bgtasks serve` printed? start one with `bgtasks serve`"
 )
@@ -43,7 +42,6 @@ REQUEST_ID_HEADER = "x-request-id"
 # What every task in a bgtasks response carries (the renderers rely on these).
 TASK_KEYS = frozenset({"id", "request_id", "seq", "file", "line", "status", "queued_at"})
 _STATUSES = frozenset(TaskStatus)
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
 _NOT_JSON = object()
 
 
@@ -81,39 +79,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return not self.timed_out and all(t["status"] in SUCCEEDED for t in self.tasks)
-
-
-def check_url(url: str) -> httpx.URL:
-    """The server URL, parsed; InvalidInput if it could not name an HTTP server."""
-    try:
-        # urllib's messages are the clearer ("Invalid IPv6 URL" where httpx says "Invalid
-        # port"); httpx's parser is the one the requests will use.
-        urlsplit(url).port  # noqa: B018
-        parsed = httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise InvalidInput(f"bad server URL {url!r}: {exc}", URL_HINT) from None
-    problem = None
-    if parsed.scheme not in ("http", "https"):
-        problem = "it must start with http:// or https://"
-    elif not parsed.host:
-        problem = "it names no host"
-    elif not (_HOST.fullmatch(parsed.host) or _is_ipv6(parsed.host)):
-        problem = f"{parsed.host!r} is not a host name or address"
-    elif parsed.port is not None and not 1 <= parsed.port <= 65535:
-        problem = f"port {parsed.port} is not between 1 and 65535"
-    elif parsed.query or parsed.fragment:
-        problem = "a server URL has no query or fragment"
-    if problem:
-        raise InvalidInput(f"bad server URL {url!r}: {problem}", URL_HINT)
-    return parsed
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -157,6 +122,21 @@ def _is_task_list(body: Any) -> bool:
 
 def _is_request(body: Any) -> bool:
     return isinstance(body, dict) and "id" in body and _is_task_list(body.get("tasks"))
+
+
+def _is_lines(lines: Any) -> bool:
+    return isinstance(lines, list) and all(
+        isinstance(line, dict) and line.keys() >= {"id", "request_id", "file", "line"}
+        for line in lines
+    )
+
+
+def _is_owner(body: Any) -> bool:
+    return isinstance(body, dict) and "owner" in body and _is_lines(body.get("waiting"))
+
+
+def _is_rewrite(body: Any) -> bool:
+    return isinstance(body, dict) and "owner" in body and _is_lines(body.get("rewritten"))
 
 
 def _is_message(body: Any) -> bool:
@@ -312,6 +292,19 @@ class Client:
         path = f"/tasks/{quote(task_id, safe='')}/{action}"
         _, task = self._answer("POST", path, shape=_is_task, headers=self._operator_headers)
         return cast("dict[str, Any]", task)
+
+    def owner(self, owner: str) -> dict[str, Any]:
+        """`GET /owners/{id}`: a server process the registry knows (where it ran, whether it
+        is alive) and the lines it claimed in another data directory. Refused (404) if none."""
+        _, body = self._answer("GET", f"/owners/{quote(owner, safe='')}", shape=_is_owner)
+        return cast("dict[str, Any]", body)
+
+    def rewrite_owner(self, owner: str) -> dict[str, Any]:
+        """`POST /owners/{id}/rewrite` (operators): write here the lines dead `owner` claimed
+        in its lost data directory; they may now be in both. Refused (409) if it is alive."""
+        path = f"/owners/{quote(owner, safe='')}/rewrite"
+        _, body = self._answer("POST", path, shape=_is_rewrite, headers=self._operator_headers)
+        return cast("dict[str, Any]", body)
 
     def health(self) -> dict[str, Any]:
         _, health = self._answer("GET", "/health", shape=lambda body: isinstance(body, dict))
