@@ -85,13 +85,13 @@ def test_notify_polls_a_server_without_events(tmp_path: Path) -> None:
     assert counting.gets("/requests/") > 2  # it polled
 
 
-class Tail:
-    """`bgtasks tail --json` in a subprocess (it follows until Ctrl-C); `lines` fills as it
-    prints."""
+class Following:
+    """`bgtasks COMMAND --json ...` in a subprocess, following until Ctrl-C; `lines` fills as
+    it prints."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, command: str, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bgtasks_cli", "tail", "--json", *args],
+            [sys.executable, "-m", "bgtasks_cli", command, "--json", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -134,7 +134,9 @@ class Opened(Counting):
 def test_tail_events_shows_a_notifys_events_in_order(tmp_path: Path) -> None:
     opened = Opened(create_app(_settings(tmp_path, delay=0.1)))
     with serve_app(opened, tmp_path / "data") as live:
-        tail = Tail("--events", "-n", "0", "--data-dir", str(tmp_path / "data"), "--url", live.url)
+        tail = Following(
+            "tail", "--events", "-n", "0", "--data-dir", str(tmp_path / "data"), "--url", live.url
+        )
         try:
             assert opened.streaming.wait(30), "tail never opened the event stream"
             with Client(live.url) as client:
@@ -175,7 +177,7 @@ def test_tail_events_with_the_server_down_follows_the_files(tmp_path: Path) -> N
     data = tmp_path / "data"
     data.mkdir()
     url = f"http://127.0.0.1:{free_port()}"
-    tail = Tail("--events", "-n", "0", "--data-dir", str(data), "--url", url)
+    tail = Following("tail", "--events", "-n", "0", "--data-dir", str(data), "--url", url)
     try:
         deadline = time.monotonic() + 30
         # Until the follower runs, a line written now could count as backlog: write until
@@ -193,3 +195,23 @@ def test_tail_events_with_the_server_down_follows_the_files(tmp_path: Path) -> N
         " following the files only"
     ], err
     assert "start it with `bgtasks serve`" in err
+
+
+def test_tasks_watch_re_reads_on_events(tmp_path: Path) -> None:
+    opened = Opened(create_app(_settings(tmp_path, delay=0.3)))
+    with serve_app(opened, tmp_path / "data") as live:
+        # A minute between safety reads: only an event can make it read again in time.
+        watch = Following("tasks", "--watch", "--interval", "60", "--url", live.url)
+        try:
+            assert opened.streaming.wait(30), "tasks --watch never opened the event stream"
+            reads = opened.gets("/tasks")
+            with Client(live.url) as client:
+                outcome = client.run("/send-notification/a@b.c", None, wait=True, timeout=10)
+            task = outcome.tasks[0]["id"]
+            wait_until(lambda: any(r["id"] == task and r["status"] == "done" for r in watch.lines))
+        finally:
+            watch.stop()
+    statuses = [r["status"] for r in watch.lines if r["id"] == task]
+    assert statuses[-1] == "done" and "running" in statuses
+    # A read per burst of events (throttled), not one per event or per tick.
+    assert 2 <= opened.gets("/tasks") - reads <= 6, opened.seen

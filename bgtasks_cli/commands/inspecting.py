@@ -111,9 +111,13 @@ def tasks(
     interval: Annotated[
         float,
         typer.Option(
-            min=0.1, max=60, callback=finite, help="Seconds between refreshes with --watch."
+            min=0.1,
+            max=60,
+            callback=finite,
+            help="With --watch: re-read at least this often (it re-reads on each of the "
+            "server's events, at most 10 times a second).",
         ),
-    ] = 0.5,
+    ] = 1.0,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -126,8 +130,6 @@ def tasks(
 
     Example: `bgtasks tasks --status failed`
     """
-    import time
-
     from bgtasks_cli.client import Client
     from bgtasks_cli.state import resolve_url
     from bgtasks_cli.tasks_table import tasks_table
@@ -142,27 +144,35 @@ def tasks(
                 out = console()
                 out.print(tasks_table(rows, width=out.width))
             return
+        from bgtasks_cli.watching import on_changes
+
         try:
             if as_json:
                 # A retrying task changes without changing its status: each attempt counts.
                 seen: dict[str, tuple[str, int]] = {}
-                while True:
-                    for row in reversed(rows):
+
+                def print_changed() -> None:
+                    for row in reversed(client.tasks(wanted, limit)):
                         now = (row["status"], row.get("attempts") or 0)
                         if seen.get(row["id"]) != now:
                             seen[row["id"]] = now
                             print_json(row)
-                    time.sleep(interval)
-                    rows = client.tasks(wanted, limit)
+
+                for row in reversed(rows):
+                    seen[row["id"]] = (row["status"], row.get("attempts") or 0)
+                    print_json(row)
+                on_changes(client, print_changed, safety=interval)
+                return
             from rich.live import Live
 
             out = console()
-            table = tasks_table(rows, width=out.width)
-            with Live(table, console=out, auto_refresh=False) as live:
-                while True:
-                    time.sleep(interval)
-                    rows = client.tasks(wanted, limit)
-                    live.update(tasks_table(rows, width=out.width), refresh=True)
+            with Live(tasks_table(rows, width=out.width), console=out, auto_refresh=False) as live:
+
+                def redraw() -> None:
+                    table = tasks_table(client.tasks(wanted, limit), width=out.width)
+                    live.update(table, refresh=True)
+
+                on_changes(client, redraw, safety=interval)
         except KeyboardInterrupt:
             pass
 
