@@ -3,7 +3,7 @@
 Commands live by group in `bgtasks_cli.commands` and only parse options and hand them to the
 plain modules (client, launcher, tailer, render, picture, operators, crash_demo, fail_demo);
 heavy imports happen inside the command that needs them, so `notify`, `readme`, `tasks`,
-`tail`, `timeline`, `retry` and `cancel` never load fastapi or uvicorn."""
+`tail`, `timeline`, `retry`, `cancel` and `recover` never load fastapi or uvicorn."""
 
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ for _command in (
     stats.stats,
     operating.retry,
     operating.cancel,
+    operating.recover,
     serving.serve,
     serving.demo,
 ):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
 
 from bgtasks_cli.errors import (
     BgtasksError,
@@ -20,6 +18,9 @@ from bgtasks_cli.errors import (
 )
 from server.status import ENDED, SUCCEEDED, TaskStatus
 
+if TYPE_CHECKING:
+    from bgtasks_cli.sse import EventStream
+
 # httpx's __init__ imports its own command line (click, rich, pygments) whenever click is
 # installed, and uvicorn installs it: 80-130 ms of every `bgtasks notify` spent on code this
 # process never runs. A None entry makes that optional import fail fast, as it would without
@@ -27,8 +28,9 @@ from server.status import ENDED, SUCCEEDED, TaskStatus
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 import httpx  # noqa: E402
 
+from bgtasks_cli.urls import check_url  # noqa: E402  (it imports httpx)
+
 START_HINT = "start it with `bgtasks serve`, or point --url / BGTASKS_URL at a running server"
-URL_HINT = "give --url or BGTASKS_URL as http://HOST:PORT, e.g. http://127.0.0.1:8000"
 WRONG_SERVER_HINT = (
     "is --url / BGTASKS_URL the address `bgtasks serve` printed? start one with `bgtasks serve`"
 )
@@ -40,7 +42,6 @@ REQUEST_ID_HEADER = "x-request-id"
 # What every task in a bgtasks response carries (the renderers rely on these).
 TASK_KEYS = frozenset({"id", "request_id", "seq", "file", "line", "status", "queued_at"})
 _STATUSES = frozenset(TaskStatus)
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
 _NOT_JSON = object()
 
 
@@ -78,39 +79,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return not self.timed_out and all(t["status"] in SUCCEEDED for t in self.tasks)
-
-
-def check_url(url: str) -> httpx.URL:
-    """The server URL, parsed; InvalidInput if it could not name an HTTP server."""
-    try:
-        # urllib's messages are the clearer ("Invalid IPv6 URL" where httpx says "Invalid
-        # port"); httpx's parser is the one the requests will use.
-        urlsplit(url).port  # noqa: B018
-        parsed = httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise InvalidInput(f"bad server URL {url!r}: {exc}", URL_HINT) from None
-    problem = None
-    if parsed.scheme not in ("http", "https"):
-        problem = "it must start with http:// or https://"
-    elif not parsed.host:
-        problem = "it names no host"
-    elif not (_HOST.fullmatch(parsed.host) or _is_ipv6(parsed.host)):
-        problem = f"{parsed.host!r} is not a host name or address"
-    elif parsed.port is not None and not 1 <= parsed.port <= 65535:
-        problem = f"port {parsed.port} is not between 1 and 65535"
-    elif parsed.query or parsed.fragment:
-        problem = "a server URL has no query or fragment"
-    if problem:
-        raise InvalidInput(f"bad server URL {url!r}: {problem}", URL_HINT)
-    return parsed
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -154,6 +122,21 @@ def _is_task_list(body: Any) -> bool:
 
 def _is_request(body: Any) -> bool:
     return isinstance(body, dict) and "id" in body and _is_task_list(body.get("tasks"))
+
+
+def _is_lines(lines: Any) -> bool:
+    return isinstance(lines, list) and all(
+        isinstance(line, dict) and line.keys() >= {"id", "request_id", "file", "line"}
+        for line in lines
+    )
+
+
+def _is_owner(body: Any) -> bool:
+    return isinstance(body, dict) and "owner" in body and _is_lines(body.get("waiting"))
+
+
+def _is_rewrite(body: Any) -> bool:
+    return isinstance(body, dict) and "owner" in body and _is_lines(body.get("rewritten"))
 
 
 def _is_message(body: Any) -> bool:
@@ -204,6 +187,9 @@ class Client:
     ) -> httpx.Response:
         try:
             return self._http.request(method, path, params=params, headers=headers)
+        except UnicodeEncodeError:
+            # Text with lone surrogates (bytes that were not UTF-8); the CLI refuses it first.
+            raise InvalidInput(f"{method} {path}: the input is not UTF-8 text") from None
         except httpx.TransportError as exc:
             raise ServerUnreachable(
                 f"no bgtasks server answers at {self.base_url} ({type(exc).__name__})", START_HINT
@@ -307,6 +293,19 @@ class Client:
         _, task = self._answer("POST", path, shape=_is_task, headers=self._operator_headers)
         return cast("dict[str, Any]", task)
 
+    def owner(self, owner: str) -> dict[str, Any]:
+        """`GET /owners/{id}`: a server process the registry knows (where it ran, whether it
+        is alive) and the lines it claimed in another data directory. Refused (404) if none."""
+        _, body = self._answer("GET", f"/owners/{quote(owner, safe='')}", shape=_is_owner)
+        return cast("dict[str, Any]", body)
+
+    def rewrite_owner(self, owner: str) -> dict[str, Any]:
+        """`POST /owners/{id}/rewrite` (operators): write here the lines dead `owner` claimed
+        in its lost data directory; they may now be in both. Refused (409) if it is alive."""
+        path = f"/owners/{quote(owner, safe='')}/rewrite"
+        _, body = self._answer("POST", path, shape=_is_rewrite, headers=self._operator_headers)
+        return cast("dict[str, Any]", body)
+
     def health(self) -> dict[str, Any]:
         _, health = self._answer("GET", "/health", shape=lambda body: isinstance(body, dict))
         return cast("dict[str, Any]", health)
@@ -338,24 +337,17 @@ class Client:
         self, fired: Fired, *, timeout: float, poll: float = 0.05
     ) -> Iterator[dict[str, Any]]:
         """Yield the request's record each time it changes, until its tasks all ended and its
-        response time is recorded, or `timeout` seconds pass. Only a 404 means "not recorded
-        yet"; any other failure is raised at once."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] | None = None
-        while True:
-            record = self.request_record(fired.request_id) or {
-                "id": fired.request_id,
-                "tasks": [],
-            }
-            if record != last:
-                last = record
-                yield record
-            tasks = record.get("tasks", [])
-            if record.get("response_sent_at") and all(t["status"] in ENDED for t in tasks):
-                return
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(poll)
+        response time is recorded, or `timeout` seconds pass: looked up again on each of its
+        events (bgtasks_cli.watching), or every `poll` s if the server has no event stream."""
+        from bgtasks_cli.watching import follow
+
+        return follow(self, fired, timeout=timeout, poll=poll)
+
+    def events(self, request_id: str | None = None) -> EventStream:
+        """The server's event stream (of one request), not yet opened."""
+        from bgtasks_cli.sse import EventStream
+
+        return EventStream(self._http, {"request_id": request_id} if request_id else None)
 
     def run(
         self,

@@ -58,6 +58,12 @@ class _Plain:
         except typer.BadParameter as exc:
             exc.ctx, exc.param = ctx, param
             raise
+        except NotText as exc:
+            from bgtasks_cli.errors import InvalidInput
+
+            option = getattr(param, "param_type_name", "") == "option" and param.opts
+            name = option[0] if option else (param.metavar or param.name.upper())
+            raise InvalidInput(f"{name} {exc}", NOT_TEXT_HINT) from None
 
 
 def plain_conversion(param: Any) -> _Plain | None:
@@ -71,14 +77,14 @@ def plain_conversion(param: Any) -> _Plain | None:
         return None
     if param.nargs == -1 or param.multiple:
         if get_origin(annotation) is list and get_args(annotation) == (str,):
-            return _Plain(lambda values: [str(value) for value in values], many=True)
+            return _Plain(lambda values: [_text(value) for value in values], many=True)
         return None
     if param.nargs != 1:
         return None
     if annotation is bool and getattr(param, "is_flag", False):
         return _Plain(bool)  # a flag's value is True, False or (for Typer's own) None
     if annotation is str:
-        return _Plain(str)
+        return _Plain(_text)
     if annotation in _NUMBER_NAMES:
         return _Plain(_number(annotation, info.min, info.max))
     if isinstance(annotation, type) and issubclass(annotation, Enum):
@@ -97,6 +103,30 @@ def plain_conversion(param: Any) -> _Plain | None:
             )
         )
     return None
+
+
+class NotText(ValueError):
+    """A value that holds bytes no text encoding takes."""
+
+
+NOT_TEXT_HINT = (
+    "the shell passed bytes in another encoding: give the value as UTF-8"
+    " (a UTF-8 locale, e.g. LANG=C.UTF-8, makes the terminal send it)"
+)
+
+
+def _text(value: Any) -> str:
+    """`value` as text that can be sent. Bytes of the command line (or of a variable) that
+    are not UTF-8 reach Python as lone surrogates, which no encoder takes: refused here, in
+    one place, rather than failing wherever the text is first encoded (a URL, a header)."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Shown as the bytes it was given: printing the surrogates would fail in turn.
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise NotText(f"'{shown}' is not UTF-8 text") from None
+    return text
 
 
 def _number(kind: type, low: float | None, high: float | None) -> Callable[[Any], Any]:

@@ -86,12 +86,60 @@ def check_registry(data_dir: Path) -> None:
         ) from None
 
 
-def preflight(*, host: str, port: int, data_dir: Path) -> None:
+def check_database(url: str) -> None:
+    """Fail with one line if the PostgreSQL registry at `url` cannot be used: InvalidInput
+    for a URL that names no database, ServeError for one that does not answer. The URL's
+    password is never shown."""
+    import importlib.util
+    from urllib.parse import urlsplit
+
+    shown = redact(url)
+    if importlib.util.find_spec("psycopg") is None:
+        raise ServeError(
+            "the PostgreSQL registry needs its driver, psycopg, which is not installed",
+            "pip install 'bgtasks[postgres]'",
+        )
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        urlsplit(url).port  # noqa: B018  (psycopg leaves a port that is no number to libpq)
+        conninfo_to_dict(url)
+    except (ValueError, psycopg.Error) as exc:
+        raise InvalidInput(
+            f"--database {shown!r} is not a PostgreSQL URL: {_first_line(exc)}", DATABASE_HINT
+        ) from None
+    try:
+        psycopg.connect(url, connect_timeout=5, autocommit=True).close()
+    except psycopg.Error as exc:
+        raise ServeError(
+            f"the database at {shown} cannot be used: {_first_line(exc)}",
+            "is PostgreSQL running there, and may that user connect? " + DATABASE_HINT,
+        ) from None
+
+
+DATABASE_HINT = "give --database (or BGTASKS_DATABASE_URL) as postgresql://USER@HOST:PORT/DB"
+
+
+def redact(url: str) -> str:
+    """`url` with its password (if any) replaced by ***."""
+    return re.sub(r"^([a-z]+://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).strip().splitlines()[:1]) or type(exc).__name__
+
+
+def preflight(*, host: str, port: int, data_dir: Path, database_url: str | None = None) -> None:
     """Everything `serve` needs that can be checked before it starts, each failure one
-    ServeError line: the registry, the data directory, the metrics directory, the port."""
+    ServeError line: the registry (the data directory's SQLite file, or the PostgreSQL
+    database at `database_url`), the data directory, the metrics directory, the port."""
     # The registry first: with `.bgtasks` a symbolic link, the data directory's check would
     # already have written through it.
-    check_registry(data_dir)
+    if database_url is None:
+        check_registry(data_dir)
+    else:
+        check_database(database_url)
     check_data_dir(data_dir)
     check_metrics_dir(data_dir)
     check_port(host, port)
@@ -186,6 +234,7 @@ def serve(
     record_state: bool,
     retries: tuple[int, float, float],
     log_format: str = "text",
+    database_url: str | None = None,
 ) -> None:
     """Run the service under uvicorn until it is stopped (call `preflight` first). Blocks.
     `retries` is (max_attempts, retry_base, retry_max).
@@ -200,6 +249,8 @@ def serve(
     if drain_timeout is not None:
         os.environ["BGTASKS_DRAIN_TIMEOUT"] = repr(drain_timeout)
     os.environ["BGTASKS_LOG_FORMAT"] = log_format
+    if database_url is not None:
+        os.environ["BGTASKS_DATABASE_URL"] = database_url
     for name, value in zip(("MAX_ATTEMPTS", "RETRY_BASE", "RETRY_MAX"), retries, strict=True):
         os.environ[f"BGTASKS_{name}"] = repr(value)
     pid = os.getpid()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.text import Text
 
 from bgtasks_cli.client import Fired, Outcome
@@ -32,7 +33,7 @@ STATUS_STYLE = {
     TaskStatus.FAILED: "bold red",
     TaskStatus.CANCELLED: "dim",
 }
-SOURCE_STYLE = {"log.txt": "cyan", "README.md": "magenta", "server": "yellow"}
+SOURCE_STYLE = {"log.txt": "cyan", "README.md": "magenta", "events": "yellow"}
 
 
 def clock(at: float | None) -> str:
@@ -344,9 +345,11 @@ def banner(
     drain_timeout: float | None,
     version: str,
     retries: tuple[int, float, float],
+    database: str | None = None,
 ) -> RenderableType:
-    """What `serve` is about to do: where, with which files, delay, workers and retries
-    (attempts at most, the backoff's base and cap)."""
+    """What `serve` is about to do: where, with which files and registry (`database`: a
+    PostgreSQL URL, its password hidden), delay, workers and retries (attempts at most, the
+    backoff's base and cap)."""
     from rich.table import Table
 
     grid = Table.grid(padding=(0, 2))
@@ -356,6 +359,8 @@ def banner(
     grid.add_row("API docs", f"{url}/docs")
     grid.add_row("data dir", str(data_dir))
     grid.add_row("files", f"{data_dir / 'log.txt'}\n{data_dir / 'README.md'}")
+    registry = f"PostgreSQL at {database}" if database else "SQLite in the data dir's .bgtasks/"
+    grid.add_row("registry", escape(registry))
     grid.add_row("delay", f"{delay:g} s before each task writes")
     drain = "wait for every task" if drain_timeout is None else f"{drain_timeout:g} s"
     grid.add_row("workers", f"{workers} · drain on stop: {drain}")

@@ -1,24 +1,29 @@
 """Follow the data directory's files like GNU `tail -F`, and optionally the server's events.
 
-Nothing here prints: `Tailer` turns file and registry changes into `TailEvent`s for the CLI.
-Changes are seen through inotify (watchfiles' Rust backend) tuned for a few milliseconds of
-latency, with a periodic re-stat of every followed file in case an event is dropped.
+Nothing here prints: `Tailer` turns file changes and the server's events (`GET /events`, read
+by bgtasks_cli.sse) into `TailEvent`s for the CLI, in the order it saw them. Changes are seen
+through inotify (watchfiles' Rust backend) tuned for a few milliseconds of latency, with a
+periodic re-stat of every followed file in case an event is dropped; a server event wakes the
+watch at once.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
-import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bgtasks_cli.ids import short_id
-from server.paths import LOG_FILE, README_FILE, STATE_DIR, registry_path
+from server.paths import LOG_FILE, README_FILE
+
+if TYPE_CHECKING:
+    from bgtasks_cli.sse import EventStream, Item
 
 FILE_CHOICES: dict[str, tuple[str, ...]] = {
     "log": (LOG_FILE,),
@@ -30,10 +35,9 @@ FILE_CHOICES: dict[str, tuple[str, ...]] = {
 DEBOUNCE_MS = 5
 STEP_MS = 1
 POLL_MS = 500
-# Registry rows are committed a little after the fact and not in time order.
-LOOKBACK_S = 5.0
+EVENTS = "events"  # the source of the server's events
 _BLOCK = 1 << 16
-_DB_NAMES = frozenset({"registry.db", "registry.db-wal"})
+_REMEMBERED = 10_000  # requests and tasks whose path or file later events are named with
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +145,27 @@ class _File:
         return out
 
 
+class _Wake:
+    """What ends a wait of the watch: `stop`, or a server event waiting to be given out."""
+
+    def __init__(self, stop: threading.Event, events: EventStream | None) -> None:
+        self.stop, self.events = stop, events
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or (self.events is not None and self.events.pending())
+
+
 class Tailer:
-    """Follow `files` (names in `data_dir`) like `tail -F`, optionally with server events."""
+    """Follow `files` (names in `data_dir`) like `tail -F`, optionally with the server's
+    events from `events` (a stream not yet started: `follow` starts and closes it)."""
 
     def __init__(
-        self, data_dir: Path, files: Sequence[str], *, backlog: int = 10, events: bool = False
+        self,
+        data_dir: Path,
+        files: Sequence[str],
+        *,
+        backlog: int = 10,
+        events: EventStream | None = None,
     ) -> None:
         if any(Path(name).name != name for name in files):
             raise ValueError(f"file names must be plain names in the data directory: {files}")
@@ -154,8 +174,8 @@ class Tailer:
         self.events = events
         self._files = [_File(name, self.data_dir / name) for name in files]
         self._since: float | None = None
-        self._db: sqlite3.Connection | None = None
-        self._seen: dict[tuple[str, str], float] = {}
+        self._requests: dict[str, str] = {}  # request id: "METHOD /path"
+        self._task_files: dict[str, str] = {}  # task id: the file it writes
 
     def initial(self) -> list[TailEvent]:
         """The last `backlog` lines of each existing file; the follower then starts at their end."""
@@ -184,21 +204,24 @@ class Tailer:
         """Yield new lines, file notices and server events until `stop` is set.
 
         Follows from where `initial` left off (from the current ends if it was not called).
-        A tailer follows once: its files are closed when this generator ends.
+        A tailer follows once: its files and its event stream are closed when this ends.
         """
-        # Imported here and in `_server_events`, not at the top: watchfiles and the registry
-        # (asyncio) cost ~90 ms, which importing this module just for its names should not pay.
+        # Imported here, not at the top: watchfiles costs time that importing this module
+        # just for its names should not pay.
         from watchfiles._rust_notify import RustNotify
 
         if self._since is None:
             self._start(0)
+        if self.events is not None:
+            self.events.start()
+        wake = _Wake(stop, self.events)
         try:
             while not stop.is_set():
                 dirs = self._watch_dirs()
                 if not dirs:
                     # Nothing to watch until the data directory exists.
                     yield from self._check(None)
-                    stop.wait(POLL_MS / 1000)
+                    _wait(wake, POLL_MS / 1000)
                     continue
                 try:
                     watcher = RustNotify([str(d) for d, _ in dirs], False, False, 0, False, True)
@@ -208,40 +231,41 @@ class Tailer:
                     # Checking once the watch is in place catches what changed before it was.
                     yield from self._check(None)
                     while True:
-                        raw = watcher.watch(DEBOUNCE_MS, STEP_MS, POLL_MS, stop)
-                        if raw == "stop":
+                        raw = watcher.watch(DEBOUNCE_MS, STEP_MS, POLL_MS, wake)
+                        if stop.is_set():
                             return
                         if raw == "signal":
                             raise KeyboardInterrupt
-                        names = None if raw == "timeout" else {os.path.basename(p) for _, p in raw}
+                        names = (
+                            None
+                            if raw == "timeout"
+                            else set()
+                            if raw == "stop"  # woken by a server event
+                            else {os.path.basename(p) for _, p in raw}
+                        )
                         yield from self._check(names)
                         if stop.is_set() or self._watch_dirs() != dirs:
                             break
         finally:
             for f in self._files:
                 f.close()
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            if self.events is not None:
+                self.events.close()
 
     def _watch_dirs(self) -> list[tuple[Path, int]]:
-        dirs = [self.data_dir, self.data_dir / STATE_DIR] if self.events else [self.data_dir]
-        found = []
-        for d in dirs:
-            try:
-                st = os.stat(d)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                found.append((d, st.st_ino))
-        return found
+        try:
+            st = os.stat(self.data_dir)
+        except OSError:
+            return []
+        return [(self.data_dir, st.st_ino)] if stat.S_ISDIR(st.st_mode) else []
 
     def _check(self, names: set[str] | None) -> Iterator[TailEvent]:
         for f in self._files:
             if names is None or f.name in names:
                 yield from self._check_file(f)
-        if self.events and (names is None or names & _DB_NAMES):
-            yield from self._server_events()
+        if self.events is not None:
+            for item in self.events.wait(0):
+                yield self._server_event(item)
 
     def _check_file(self, f: _File) -> list[TailEvent]:
         out: list[tuple[str, str]] = []
@@ -281,57 +305,54 @@ class Tailer:
         now = time.time()
         return [TailEvent(now, source, kind, text, backlog=backlog) for kind, text in items]
 
-    def _server_events(self) -> list[TailEvent]:
-        """New request and task events from the registry, each given once."""
+    def _server_event(self, item: Item) -> TailEvent:
+        """A server event, or news of the stream, as the follower shows it."""
+        from bgtasks_cli.sse import StreamState
+
         now = time.time()
-        since = max(self._since or now, now - LOOKBACK_S)
-        try:
-            if self._db is None:
-                path = registry_path(self.data_dir)
-                if not path.exists():
-                    return []
-                from server.registry import connect
+        if isinstance(item, StreamState):
+            if item.up:
+                return TailEvent(now, EVENTS, "connected", "following the server's events again")
+            return TailEvent(now, EVENTS, "unavailable", item.reason)
+        data = item.data
+        rid, task_id = str(data.get("request_id") or ""), data.get("task_id")
+        at = data.get("at")
+        at = float(at) if isinstance(at, int | float) else now
+        text = self._event_text(item.kind, data, rid, task_id)
+        return TailEvent(at, EVENTS, "event", text, rid or None, task_id)
 
-                self._db = connect(path, readonly=True)
-            requests = self._db.execute(
-                "SELECT id, method, path, received_at, response_sent_at, status_code FROM requests"
-                " WHERE received_at >= ?1 OR response_sent_at >= ?1",
-                (since,),
-            ).fetchall()
-            tasks = self._db.execute(
-                "SELECT id, request_id, file, line, status, started_at, finished_at, last_error"
-                " FROM tasks WHERE started_at >= ?1 OR finished_at >= ?1",
-                (since,),
-            ).fetchall()
-        except sqlite3.Error:
-            # Not created yet, or replaced under us: reopen on the next look.
-            if self._db is not None:
-                self._db.close()
-            self._db = None
-            return []
-        found: list[TailEvent] = []
+    def _event_text(self, kind: str, data: dict[str, Any], rid: str, task_id: str | None) -> str:
+        if len(self._requests) > _REMEMBERED or len(self._task_files) > _REMEMBERED:
+            self._requests.clear()
+            self._task_files.clear()
+        req = f"(req {short_id(rid)})"
+        if kind == "request_received":
+            self._requests[rid] = f"{data.get('method')} {data.get('path')}"
+        if task_id is None:
+            where = " ".join(filter(None, (self._requests.get(rid), req)))
+            if kind == "request_received":
+                return f"request received {where}"
+            if kind == "response_sent":
+                return f"response sent {data.get('status_code')} {where}"
+            return f"{kind.replace('_', ' ')} {where}"
+        if kind == "task_queued" and data.get("file"):
+            self._task_files[task_id] = str(data["file"])
+        file = self._task_files.get(task_id)
+        to = f" -> {file}" if file else ""
+        error = f" ({data['error']})" if data.get("error") else ""
+        if kind == "task_queued":
+            return f"task {task_id} queued{to} {req}"
+        if kind == "task_started":
+            return f"task {task_id} started (attempt {data.get('attempt')}){to}"
+        if kind == "task_attempt_failed":
+            return f"task {task_id} attempt {data.get('attempt')} failed{to}{error}"
+        if kind.startswith("task_"):
+            return f"task {task_id} {kind.removeprefix('task_')}{to}{error}"
+        return f"{kind.replace('_', ' ')} task {task_id}{to}{error}"
 
-        def add(key: str, at: float | None, text: str, req: str, task: str | None = None) -> None:
-            if at is not None and at >= since and (key, task or req) not in self._seen:
-                self._seen[key, task or req] = at
-                found.append(TailEvent(at, "server", "event", text, req, task))
 
-        for r in requests:
-            where = f"{r['method']} {r['path']} (req {short_id(r['id'])})"
-            add("received", r["received_at"], f"request received {where}", r["id"])
-            add("sent", r["response_sent_at"], f"response sent {r['status_code']} {where}", r["id"])
-        for t in tasks:
-            what = f"{t['line']!r} -> {t['file']}"
-            add(
-                "started",
-                t["started_at"],
-                f"task {t['id']} started: {what}",
-                t["request_id"],
-                t["id"],
-            )
-            error = f" ({t['last_error']})" if t["last_error"] else ""
-            text = f"task {t['id']} {t['status']}: {what}{error}"
-            add("finished", t["finished_at"], text, t["request_id"], t["id"])
-        # Rows older than the look-back window are never queried again, so forget them.
-        self._seen = {k: at for k, at in self._seen.items() if at >= since}
-        return sorted(found, key=lambda e: e.at)
+def _wait(wake: _Wake, seconds: float) -> None:
+    """Wait up to `seconds`, or until `wake` is set."""
+    deadline = time.monotonic() + seconds
+    while not wake.is_set() and time.monotonic() < deadline:
+        time.sleep(STEP_MS / 1000)

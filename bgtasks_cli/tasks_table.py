@@ -31,9 +31,17 @@ TASK_COLUMNS = (
     "waited",
     "ran",
 )
-DROPPED_FIRST = ("started", "queued", "waited", "ran", "finished", "request", "attempts")
+DROPPED_FIRST = ("started", "queued", "waited", "ran", "finished", "request", "attempts", "runs on")
+# Shown after "attempts" only when the tasks run in more than one place (host/owner).
+RUNS_ON = "runs on"
 MIN_WRITES = 24  # what a folded "writes" cell needs to stay readable: a line and its file
 RIGHT_ALIGNED = frozenset({"attempts", "waited", "ran"})
+
+
+def _runs_on(task: dict[str, Any]) -> str:
+    """The host and owner (server process) that runs the task, as `host/owner`."""
+    host, owner = task.get("host"), task.get("owner")
+    return f"{host or '?'}/{owner}" if owner else (host or "-")
 
 
 def _task_cells(task: dict[str, Any]) -> dict[str, str | Text]:
@@ -49,6 +57,7 @@ def _task_cells(task: dict[str, Any]) -> dict[str, str | Text]:
         "request": short_id(task["request_id"]),
         "status": Text(task["status"], style=STATUS_STYLE.get(task["status"], "")),
         "attempts": str(task.get("attempts") or 0),
+        "runs on": _runs_on(task),
         "writes": writes,
         "queued": clock(queued),
         "started": clock(started),
@@ -58,19 +67,22 @@ def _task_cells(task: dict[str, Any]) -> dict[str, str | Text]:
     }
 
 
-def _fitting_columns(rows: list[dict[str, str | Text]], width: int) -> list[str]:
-    """The columns that leave "writes" at least MIN_WRITES wide in `width` characters."""
+def _fitting_columns(
+    rows: list[dict[str, str | Text]], width: int, columns: Sequence[str] = TASK_COLUMNS
+) -> list[str]:
+    """The `columns` that leave "writes" at least MIN_WRITES wide in `width` characters."""
     need = {
         name: max([len(name)] + [len(str(row[name])) for row in rows]) + 3  # padding, border
-        for name in TASK_COLUMNS
+        for name in columns
         if name != "writes"
     }
-    shown = list(TASK_COLUMNS)
+    shown = list(columns)
     for name in DROPPED_FIRST:
         fixed = sum(need[c] for c in shown if c != "writes") + 4  # writes' padding and edges
         if fixed + MIN_WRITES <= width:
             break
-        shown.remove(name)
+        if name in shown:
+            shown.remove(name)
     return shown
 
 
@@ -79,11 +91,16 @@ def tasks_table(
 ) -> Table:
     """Recent tasks as a table for a terminal `width` characters wide: at 80 or fewer the
     times give way (the caption says which), while each status stays whole and what a task
-    writes stays readable."""
+    writes stays readable. Where a task runs (host/owner) is shown once the tasks run in
+    more than one place: with one server it says nothing."""
     from rich.table import Table
 
     rows = [_task_cells(task) for task in tasks]
-    shown = _fitting_columns(rows, width)
+    places = {row[RUNS_ON] for row in rows}
+    columns = list(TASK_COLUMNS)
+    if len(places) > 1:
+        columns.insert(columns.index("attempts") + 1, RUNS_ON)
+    shown = _fitting_columns(rows, width, columns)
     table = Table(title=title, title_justify="left")
     for name in shown:
         if name == "writes":
@@ -94,7 +111,7 @@ def tasks_table(
             )
     for row in rows:
         table.add_row(*(row[name] for name in shown))
-    hidden = [name for name in TASK_COLUMNS if name not in shown]
+    hidden = [name for name in columns if name not in shown]
     if not tasks:
         table.caption = "no tasks yet"
     elif hidden:

@@ -93,7 +93,7 @@ async def get_owner(owner: OwnerId, request: Request) -> Any:
         raise HTTPException(404, f"no owner {owner!r} in the registry")
     return {
         **(known or {"owner": owner}),
-        "alive": await registry.store.is_alive(owner),
+        "alive": await registry.is_alive(owner),
         "waiting": [_line(task) for task in waiting],
     }
 

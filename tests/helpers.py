@@ -39,7 +39,14 @@ class LiveServer:
 @contextmanager
 def serve_in_thread(settings: Settings) -> Iterator[LiveServer]:
     """Run the app under a real uvicorn server in a thread, on a free loopback port."""
-    app = create_app(settings)
+    with serve_app(create_app(settings), settings.data_dir) as live:
+        yield live
+
+
+@contextmanager
+def serve_app(app: Any, data_dir: Path) -> Iterator[LiveServer]:
+    """Run `app` (an ASGI app; `.app` of the result) under uvicorn in a thread, on a free
+    loopback port."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -50,7 +57,7 @@ def serve_in_thread(settings: Settings) -> Iterator[LiveServer]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings.data_dir, app)
+        yield LiveServer(f"http://127.0.0.1:{port}", data_dir, app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

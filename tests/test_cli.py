@@ -532,6 +532,7 @@ def test_serve_non_loopback_host_warns(fake_serve: FakeServe, tmp_path: Path) ->
             "access_log": True,
             "record_state": True,
             "log_format": "text",
+            "database_url": None,
         }
     ]
     assert "Warning: binding 0.0.0.0 exposes the service beyond this machine." in result.stdout
@@ -572,6 +573,7 @@ def test_serve_loopback_passes_every_option(fake_serve: FakeServe, tmp_path: Pat
             "access_log": False,
             "record_state": True,
             "log_format": "text",
+            "database_url": None,
         }
     ]
     assert "Warning" not in result.output

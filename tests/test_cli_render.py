@@ -296,3 +296,29 @@ def test_backlog_lines_are_marked_as_such() -> None:
         "task_id": None,
     }
     assert render.tail_json(live)["backlog"] is False
+
+
+def test_tasks_table_shows_where_tasks_run_once_they_run_in_two_places() -> None:
+    base = {
+        "request_id": "r" * 30,
+        "seq": 0,
+        "file": "log.txt",
+        "line": "message to a\n",
+        "status": "done",
+        "queued_at": 1.0,
+        "started_at": 1.1,
+        "finished_at": 1.2,
+        "attempts": 1,
+    }
+    one = {**base, "id": "3f2a9c1b-1", "owner": "3f2a9c1b", "host": "web-1"}
+    other = {**base, "id": "3f2a9c1b-2", "owner": "0000000b", "host": "web-2"}
+
+    def text(tasks: list[dict[str, Any]], width: int) -> str:
+        console = Console(width=width, record=True, color_system=None)
+        console.print(tasks_table.tasks_table(tasks, width=width))
+        return console.export_text()
+
+    assert "runs on" not in text([one, {**one, "id": "3f2a9c1b-3"}], 150)
+    wide = text([one, other], 150)
+    assert "runs on" in wide and "web-1/3f2a9c1b" in wide and "web-2/0000000b" in wide
+    assert "web-2/0000000b" in text([one, other], 80)  # kept when the times give way

@@ -1,10 +1,9 @@
-"""The file follower: `tail -F` behaviour on real files, and server events from the registry."""
+"""The file follower: `tail -F` behaviour on real files, and the server's events in between."""
 
 from __future__ import annotations
 
 import os
 import queue
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,11 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from bgtasks_cli.sse import EventStream, Item, ServerEvent, StreamState
 from bgtasks_cli.tailer import FILE_CHOICES, Tailer, TailEvent
-from server.paths import registry_path
-from server.registry.sqlite.schema import SCHEMA
+from tests.helpers import free_port
 
 WAIT = 5.0
 
@@ -194,76 +194,73 @@ def test_utf8_split_across_writes(tmp_path: Path, follow: Callable[..., Follower
     assert all("\ufffd" not in e.text for e in follower.seen)
 
 
-def _registry(data_dir: Path) -> sqlite3.Connection:
-    path = registry_path(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    return conn
+class FakeStream:
+    """What the tailer asks of an event stream, fed by the test."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[Item] = queue.Queue()
+        self.started = self.closed = False
+
+    def start(self) -> FakeStream:
+        self.started = True
+        return self
+
+    def pending(self) -> bool:
+        return not self.items.empty()
+
+    def wait(self, timeout: float) -> list[Item]:
+        out = []
+        while not self.items.empty():
+            out.append(self.items.get())
+        return out
+
+    def close(self) -> None:
+        self.closed = True
 
 
-def test_server_events(tmp_path: Path, follow: Callable[..., Follower]) -> None:
-    conn = _registry(tmp_path)
-    now = time.time()
-    conn.execute(
-        "INSERT INTO requests (id, method, path, received_at, response_sent_at, status_code)"
-        " VALUES ('old0000000', 'GET', '/old', ?, ?, 200)",
-        (now - 1, now - 1),
-    )
-    follower = follow(events=True)
-    # Time first, random last, as the server makes them: the end tells requests apart.
-    rid, t = "18ed3dec12345678" + "9fb9bac95447752a", time.time()
-    conn.execute(
-        "INSERT INTO requests (id, method, path, received_at, response_sent_at, status_code)"
-        " VALUES (?, 'POST', '/send-notification/a@b.c', ?, ?, 200)",
-        (rid, t, t + 0.001),
-    )
-    conn.execute(
-        "INSERT INTO tasks (id, request_id, seq, owner, file, line, status, queued_at, started_at)"
-        " VALUES ('3f2a-1', ?, 0, '3f2a', 'log.txt', 'message to a@b.c\n', 'running', ?, ?)",
-        (rid, t, t + 0.002),
-    )
+def test_server_events_in_the_order_seen(tmp_path: Path, follow: Callable[..., Follower]) -> None:
+    stream = FakeStream()
+    follower = follow(events=stream)
+    rid = "18ed3dec12345678" + "9fb9bac95447752a"
+
+    def event(kind: str, task_id: str | None = None, **details: object) -> None:
+        data = {"request_id": rid, "task_id": task_id, "at": 12.5, **details}
+        stream.items.put(ServerEvent(kind, "c/0", data))
+
+    event("request_received", method="POST", path="/send-notification/a@b.c")
+    event("task_queued", "3f2a-1", file="log.txt")
+    event("response_sent", status_code=200)
     sent = follower.until(lambda e: e.text.startswith("response sent"))
     assert sent.text == "response sent 200 POST /send-notification/a@b.c (req …5447752a)"
-    assert (sent.source, sent.kind, sent.request_id, sent.at) == ("server", "event", rid, t + 0.001)
-    conn.execute(
-        "UPDATE tasks SET status = 'done', finished_at = ? WHERE id = '3f2a-1'", (time.time(),)
-    )
-    done = follower.until(lambda e: " done" in e.text)
-    assert done.text == "task 3f2a-1 done: 'message to a@b.c\\n' -> log.txt"
+    assert (sent.source, sent.kind, sent.request_id, sent.at) == ("events", "event", rid, 12.5)
+    event("task_started", "3f2a-1", attempt=1)
+    follower.until(lambda e: e.text == "task 3f2a-1 started (attempt 1) -> log.txt")
+    append(tmp_path / "log.txt", "message to a@b.c\n")
+    follower.line("message to a@b.c", "log.txt")
+    event("task_attempt_failed", "3f2a-1", attempt=1, error="disk full")
+    event("task_done", "3f2a-1")
+    done = follower.until(lambda e: e.text.startswith("task 3f2a-1 done"))
+    assert done.text == "task 3f2a-1 done -> log.txt"
     assert (done.task_id, done.request_id) == ("3f2a-1", rid)
-    # Let a safety poll pass: nothing is given twice, and nothing from before the start.
-    time.sleep(1.2)
-    while not follower.events.empty():
-        follower.seen.append(follower.events.get())
     texts = [e.text for e in follower.seen]
-    assert len(texts) == len(set(texts))
-    assert not any("/old" in text for text in texts)
-    assert any(text.startswith("task 3f2a-1 started") for text in texts)
-    conn.close()
-
-
-def test_server_events_registry_created_later(
-    tmp_path: Path, follow: Callable[..., Follower]
-) -> None:
-    follower = follow(events=True)
-    time.sleep(0.1)
-    conn = _registry(tmp_path)
-    t = time.time()
-    conn.execute(
-        "INSERT INTO requests (id, method, path, received_at, response_sent_at, status_code)"
-        " VALUES ('abcdef0123', 'GET', '/x', ?, NULL, NULL)",
-        (t,),
+    assert texts.index("message to a@b.c") < texts.index(
+        "task 3f2a-1 attempt 1 failed -> log.txt (disk full)"
     )
-    follower.until(lambda e: e.text == "request received GET /x (req …cdef0123)")
-    conn.close()
+    stream.items.put(StreamState(up=False, reason="gone"))
+    down = follower.kind("unavailable", "events")
+    assert down.text == "gone"
+    assert stream.started and not stream.closed
+    follower.close()
+    assert stream.closed
 
 
 def test_stop_is_honoured_quickly(tmp_path: Path) -> None:
-    follower = Follower(Tailer(tmp_path, FILE_CHOICES["all"], events=True))
-    time.sleep(0.3)
-    assert follower.close() < 2.0
+    with httpx.Client(base_url=f"http://127.0.0.1:{free_port()}") as http:
+        tailer = Tailer(tmp_path, FILE_CHOICES["all"], events=EventStream(http))
+        follower = Follower(tailer)
+        follower.kind("unavailable", "events")
+        time.sleep(0.3)
+        assert follower.close() < 2.0
 
 
 def test_missing_data_dir_is_waited_for(tmp_path: Path) -> None:
@@ -278,16 +275,17 @@ def test_missing_data_dir_is_waited_for(tmp_path: Path) -> None:
 
 
 def test_does_not_import_fastapi_or_uvicorn(tmp_path: Path) -> None:
-    _registry(tmp_path).close()
     code = f"""
 import sys, threading
 from pathlib import Path
+import httpx
+from bgtasks_cli.sse import EventStream
 from bgtasks_cli.tailer import Tailer
 stop = threading.Event()
 threading.Timer(0.3, stop.set).start()
-list(Tailer(Path({str(tmp_path)!r}), ("log.txt",), events=True).follow(stop))
-assert "server.registry" in sys.modules
-print(sorted({{"fastapi", "uvicorn"}} & set(sys.modules)))
+http = httpx.Client(base_url="http://127.0.0.1:{free_port()}")
+list(Tailer(Path({str(tmp_path)!r}), ("log.txt",), events=EventStream(http)).follow(stop))
+print(sorted({{"fastapi", "uvicorn", "server.registry"}} & set(sys.modules)))
 """
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30

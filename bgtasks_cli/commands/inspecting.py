@@ -39,44 +39,64 @@ def tail(
     ] = True,
     events: Annotated[
         bool,
-        typer.Option("--events", help="Interleave the server's request and task events."),
+        typer.Option(
+            "--events", help="Interleave the server's request and task events (GET /events)."
+        ),
     ] = False,
     data_dir: DataDirOpt = None,
+    url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Follow log.txt and README.md like `tail -F`: each new line with the time it appeared.
 
     Backlog lines (there before `tail` started) are marked `backlog`: when they appeared is
     not known. Files that appear later, are truncated, or are deleted and recreated are
-    followed on. Stop with Ctrl-C.
+    followed on. `--events` adds the server's events from `--url`, in the order they came;
+    if that server is down, the files are still followed. Stop with Ctrl-C.
 
     Example: `bgtasks tail --file log -n 0 --events`
     """
+    from contextlib import nullcontext
+
     from bgtasks_cli import render
-    from bgtasks_cli.state import resolve_data_dir
+    from bgtasks_cli.client import START_HINT, Client
+    from bgtasks_cli.errors import BgtasksError
+    from bgtasks_cli.state import resolve_data_dir, resolve_url
     from bgtasks_cli.tailer import FILE_CHOICES, Tailer
 
-    tailer = Tailer(
-        resolve_data_dir(data_dir), FILE_CHOICES[file.value], backlog=lines, events=events
-    )
-    out = console()
+    base = resolve_url(url) if events and follow else None
+    client = Client(base) if base else None
+    with client or nullcontext():
+        tailer = Tailer(
+            resolve_data_dir(data_dir),
+            FILE_CHOICES[file.value],
+            backlog=lines,
+            events=client.events() if client else None,
+        )
+        out = console()
 
-    def show(event: TailEvent) -> None:
-        if as_json:
-            print_json(render.tail_json(event))
-        else:
-            out.print(render.tail_line(event), soft_wrap=True)
+        def show(event: TailEvent) -> None:
+            if event.kind == "unavailable":
+                BgtasksError(
+                    f"the server's events are unavailable at {base} ({event.text});"
+                    " following the files only",
+                    START_HINT,
+                ).show()
+            elif as_json:
+                print_json(render.tail_json(event))
+            else:
+                out.print(render.tail_line(event), soft_wrap=True)
 
-    for event in tailer.initial():
-        show(event)
-    if not follow:
-        return
-    stop = threading.Event()
-    try:
-        for event in tailer.follow(stop):
+        for event in tailer.initial():
             show(event)
-    except KeyboardInterrupt:
-        stop.set()
+        if not follow:
+            return
+        stop = threading.Event()
+        try:
+            for event in tailer.follow(stop):
+                show(event)
+        except KeyboardInterrupt:
+            stop.set()
 
 
 def tasks(
@@ -91,9 +111,13 @@ def tasks(
     interval: Annotated[
         float,
         typer.Option(
-            min=0.1, max=60, callback=finite, help="Seconds between refreshes with --watch."
+            min=0.1,
+            max=60,
+            callback=finite,
+            help="With --watch: re-read at least this often (it re-reads on each of the "
+            "server's events, at most 10 times a second).",
         ),
-    ] = 0.5,
+    ] = 1.0,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -106,8 +130,6 @@ def tasks(
 
     Example: `bgtasks tasks --status failed`
     """
-    import time
-
     from bgtasks_cli.client import Client
     from bgtasks_cli.state import resolve_url
     from bgtasks_cli.tasks_table import tasks_table
@@ -122,27 +144,35 @@ def tasks(
                 out = console()
                 out.print(tasks_table(rows, width=out.width))
             return
+        from bgtasks_cli.watching import on_changes
+
         try:
             if as_json:
                 # A retrying task changes without changing its status: each attempt counts.
                 seen: dict[str, tuple[str, int]] = {}
-                while True:
-                    for row in reversed(rows):
+
+                def print_changed() -> None:
+                    for row in reversed(client.tasks(wanted, limit)):
                         now = (row["status"], row.get("attempts") or 0)
                         if seen.get(row["id"]) != now:
                             seen[row["id"]] = now
                             print_json(row)
-                    time.sleep(interval)
-                    rows = client.tasks(wanted, limit)
+
+                for row in reversed(rows):
+                    seen[row["id"]] = (row["status"], row.get("attempts") or 0)
+                    print_json(row)
+                on_changes(client, print_changed, safety=interval)
+                return
             from rich.live import Live
 
             out = console()
-            table = tasks_table(rows, width=out.width)
-            with Live(table, console=out, auto_refresh=False) as live:
-                while True:
-                    time.sleep(interval)
-                    rows = client.tasks(wanted, limit)
-                    live.update(tasks_table(rows, width=out.width), refresh=True)
+            with Live(tasks_table(rows, width=out.width), console=out, auto_refresh=False) as live:
+
+                def redraw() -> None:
+                    table = tasks_table(client.tasks(wanted, limit), width=out.width)
+                    live.update(table, refresh=True)
+
+                on_changes(client, redraw, safety=interval)
         except KeyboardInterrupt:
             pass
 

@@ -1,4 +1,4 @@
-"""`retry` and `cancel`: change tasks in the registry on an operator's word."""
+"""`retry`, `cancel` and `recover`: change tasks in the registry on an operator's word."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 # What the server's task ids are made of (`a1b2c3d4-7`), with room: its path takes 200.
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
+# What the server's owner ids are: 8 hex digits, as `tasks --json` lists them.
+OWNER_ID = re.compile(r"[0-9a-f]{8}")
 # A header value holds visible ASCII; refused here rather than sent as a broken request.
 TOKEN = re.compile(r"[!-~]+")
 
@@ -119,6 +121,54 @@ def cancel(
             client.cancel, task_ids, results, _shower(operators.format_cancelled, as_json)
         )
     _end(results, "cancelled", as_json)
+
+
+def _owner_id(value: str) -> str:
+    if not OWNER_ID.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not an owner id (8 hex digits, e.g. 3f2a9c1b)")
+    return value
+
+
+def recover(
+    owner: Annotated[
+        str,
+        typer.Option(
+            "--owner",
+            callback=_owner_id,
+            help="The server process's owner id, as `bgtasks tasks` and `tasks --json` list it.",
+            show_default=False,
+        ),
+    ],
+    rewrite: Annotated[
+        bool,
+        typer.Option(
+            "--rewrite",
+            help="Write here the lines that wait for its lost data directory (operators).",
+        ),
+    ] = False,
+    token: TokenOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a server process the registry knows, and the lines that wait for its host.
+
+    A process that claimed lines in its own data directory and died with its host leaves
+    them waiting for that directory. `bgtasks recover --owner ID` shows it: its host, pid,
+    data directory, whether it is alive, and those lines. With `--rewrite` (from this
+    machine, or with the admin token) they are written here instead: do it only for a host
+    gone for good, since a line may then be in two data directories. Exit 1 if the registry
+    has no such owner, or it is alive.
+
+    Example: `bgtasks recover --owner 3f2a9c1b`
+    """
+    from bgtasks_cli import owners
+
+    with _client(url, token) as client:
+        found = client.rewrite_owner(owner) if rewrite else client.owner(owner)
+    if as_json:
+        print_json(found)
+    else:
+        console().print(owners.format_rewritten(found) if rewrite else owners.format_owner(found))
 
 
 def _client(url: str | None, token: str | None) -> Client:

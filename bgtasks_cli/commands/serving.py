@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bgtasks_cli.errors import EXIT_FAILED
+from bgtasks_cli.errors import EXIT_FAILED, InvalidInput
 from bgtasks_cli.options import TableOpt, console, finite, print_json
 from server import __version__
 
@@ -110,6 +110,17 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            metavar="URL",
+            help="Keep the registry in this PostgreSQL database (postgresql://USER@HOST:PORT/DB), "
+            "shared by servers on many machines. Default: BGTASKS_DATABASE_URL, else SQLite in "
+            "the data directory.",
+            show_default=False,
+        ),
+    ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     log_format: Annotated[
         LogFormat | None,
@@ -134,6 +145,12 @@ def serve(
     """
     from bgtasks_cli import launcher, render
 
+    if database is not None and not database.startswith(("postgresql://", "postgres://")):
+        raise InvalidInput(
+            f"--database {launcher.redact(database)!r} is not a PostgreSQL URL: it must start"
+            " with postgresql://",
+            launcher.DATABASE_HINT,
+        )
     given = {
         "data_dir": data_dir,
         "delay": delay,
@@ -142,11 +159,12 @@ def serve(
         "max_attempts": max_attempts,
         "retry_base": retry_base,
         "retry_max": retry_max,
+        "database_url": database,
     }
     settings = launcher.load_settings(**{k: v for k, v in given.items() if v is not None})
     out = console()
     directory = settings.data_dir.expanduser().resolve()
-    launcher.preflight(host=host, port=port, data_dir=directory)
+    launcher.preflight(host=host, port=port, data_dir=directory, database_url=settings.database_url)
     url = launcher.url_for(host, port)
     if settings.log_format == "json":
         launcher.announce_json(
@@ -166,6 +184,7 @@ def serve(
                 drain_timeout=settings.drain_timeout,
                 version=__version__,
                 retries=(settings.max_attempts, settings.retry_base, settings.retry_max),
+                database=settings.database_url and launcher.redact(settings.database_url),
             )
         )
     launcher.serve(
@@ -179,6 +198,7 @@ def serve(
         access_log=access_log,
         record_state=state_file,
         log_format=settings.log_format,
+        database_url=settings.database_url,
     )
 
 

@@ -76,21 +76,24 @@ class OwnerLocks:
         return fd
 
     def alive(self) -> int:
-        """How many owners hold their lock. A look that takes a shared lock for an instant:
-        it never stops another look, and a recoverer looks twice (`take_if_dead`)."""
-        count = 0
-        for owner in self.listed():
-            try:
-                fd = os.open(self._path(owner), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                continue  # removed meanwhile: its owner closed, or was recovered
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                count += 1
-            finally:
-                os.close(fd)
-        return count
+        """How many owners hold their lock."""
+        return sum(self.holds(owner) for owner in self.listed())
+
+    def holds(self, owner: str) -> bool:
+        """Whether `owner` holds its lock (or a recoverer does, for a moment). A look that
+        takes a shared lock for an instant: it never stops another look, and a recoverer looks
+        twice (`take_if_dead`)."""
+        try:
+            fd = os.open(self._path(owner), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False  # no file: its owner closed, or was recovered
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def release(self, owner: str, fd: int) -> None:
         """Remove the lock file and let go of its lock: this owner has nothing left to do."""

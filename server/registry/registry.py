@@ -231,12 +231,20 @@ class Registry:
         """Write here the lines dead `owner` claimed in a data directory gone for good (they
         may be written twice: see recovery.rewrite_lost_lines). RegistryError if it is alive."""
         with self._watch():
-            if await self.store.is_alive(owner):
+            if await self.is_alive(owner):
                 raise OwnerAlive(f"owner {owner} is alive: its lines are its own to write")
             written = await rewrite_lost_lines(self.store, self._files, owner)
         for task in written:
             self.note_event(task_event(task))
         return written
+
+    async def is_alive(self, owner: str) -> bool:
+        """Whether `owner` runs: it holds its lock in this data directory, or the store (shared
+        by other machines) says so."""
+        if owner == self.owner or self._owners.holds(owner):
+            return True
+        with self._watch():
+            return await self.store.is_alive(owner)
 
     async def count_unfinished(self) -> int:
         with self._watch():
