@@ -117,14 +117,17 @@ class Registry:
 
     async def listen(self) -> None:
         """Have every process record events for the lease from now; return once all of them
-        do (at once if they already did), so a stream opened now misses none of theirs."""
+        do (at once if they already did, or if this one is alone), so a stream opened now
+        misses none of theirs."""
         until = time.time() + LISTEN_LEASE_S
         with self._watch():
             await self.store.listen(until)
         self._record_until(until)
         # Every other process looks within LISTEN_POLL_S of when this one saw the lease, and
         # a second period allows for a look that was slow.
-        await asyncio.sleep(max(0.0, self._recording_since + 2 * LISTEN_POLL_S - time.time()))
+        wait = self._recording_since + 2 * LISTEN_POLL_S - time.time()
+        if wait > 0 and await self.store.live_owners() > 1:
+            await asyncio.sleep(wait)
 
     def _record_until(self, until: float) -> None:
         now = time.time()
