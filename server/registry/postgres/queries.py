@@ -92,3 +92,37 @@ async def prune(conn: AsyncConnection[Any], retention: int) -> None:
         "DELETE FROM bgtasks.claims WHERE ended AND claim < coalesce((SELECT min(claim)"
         " FROM bgtasks.claims WHERE NOT ended), 9223372036854775807)"
     )
+
+
+# The event log. Transactions of several processes commit in any order, so the log is read in
+# the order of their ids, and only below the oldest one still running: nothing that commits
+# later can sort before what a stream has read. A cursor is "<txid>.<row id>".
+
+
+async def listened_until(conn: AsyncConnection[dict[str, Any]]) -> float:
+    cursor = await conn.execute("SELECT max(until) AS u FROM bgtasks.listening")
+    row = await cursor.fetchone()
+    return float(row["u"] or 0.0) if row else 0.0
+
+
+async def last_event_commit(conn: AsyncConnection[dict[str, Any]]) -> str:
+    cursor = await conn.execute(
+        "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1)::text AS x"
+    )
+    row = await cursor.fetchone()
+    return f"{row['x'] if row else 0}.{2**63 - 1}"
+
+
+async def events_after(
+    conn: AsyncConnection[dict[str, Any]], cursor: str, limit: int, *, inclusive: bool
+) -> list[tuple[str, str]]:
+    txid, _, after = cursor.partition(".")
+    start = int(after or 0) - (1 if inclusive else 0)
+    found = await conn.execute(
+        "SELECT txid::text || '.' || id AS cursor, body FROM bgtasks.events"
+        " WHERE (txid, id) > (%s::text::xid8, %s)"
+        " AND txid < pg_snapshot_xmin(pg_current_snapshot())"
+        " ORDER BY txid, id LIMIT %s",
+        (txid, start, limit),
+    )
+    return [(row["cursor"], row["body"]) for row in await found.fetchall()]

@@ -351,10 +351,6 @@ class PostgresStore:
         with translated("read", self.url):
             return await shielded(queries.count_unfinished(await self._read()))
 
-    # Transactions of several processes commit in any order, so the log is read in the order
-    # of their ids, and only below the oldest one still running: nothing that commits later
-    # can sort before what a stream has read.
-
     event_cursor = r"[0-9]{1,19}\.[0-9]{1,18}"  # a transaction's id, its row's id
 
     async def listen(self, until: float) -> None:
@@ -367,37 +363,18 @@ class PostgresStore:
 
     async def listened_until(self) -> float:
         with translated("read", self.url):
-            reader = await self._read()
-            found = await shielded(reader.execute("SELECT max(until) AS u FROM bgtasks.listening"))
-            row = await found.fetchone()
-        return float(row["u"] or 0.0) if row else 0.0
+            return await shielded(queries.listened_until(await self._read()))
 
     async def last_event_commit(self) -> str:
         with translated("read", self.url):
-            cursor = await shielded(
-                (await self._read()).execute(
-                    "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1)::text AS x"
-                )
-            )
-            row = await cursor.fetchone()
-        return f"{row['x'] if row else 0}.{2**63 - 1}"
+            return await shielded(queries.last_event_commit(await self._read()))
 
     async def events_after(
         self, cursor: str, limit: int, *, inclusive: bool = False
     ) -> list[tuple[str, str]]:
-        txid, _, after = cursor.partition(".")
-        start = int(after or 0) - (1 if inclusive else 0)
         with translated("read", self.url):
-            found = await shielded(
-                (await self._read()).execute(
-                    "SELECT txid::text || '.' || id AS cursor, body FROM bgtasks.events"
-                    " WHERE (txid, id) > (%s::text::xid8, %s)"
-                    " AND txid < pg_snapshot_xmin(pg_current_snapshot())"
-                    " ORDER BY txid, id LIMIT %s",
-                    (txid, start, limit),
-                )
-            )
-            return [(row["cursor"], row["body"]) for row in await found.fetchall()]
+            reader = await self._read()
+            return await shielded(queries.events_after(reader, cursor, limit, inclusive=inclusive))
 
     # -- helpers ---------------------------------------------------------------------------
 
