@@ -149,7 +149,12 @@ def make_store(settings: Settings) -> Store:
         raise StoreFault(
             "a PostgreSQL registry needs psycopg: pip install 'bgtasks[postgres]'"
         ) from None
-    return PostgresStore(settings.database_url, settings.data_dir, retention=settings.retention)
+    return PostgresStore(
+        settings.database_url,
+        settings.data_dir,
+        retention=settings.retention,
+        lock_timeout=settings.lock_timeout,
+    )
 
 
 def _watch_stop_signals(runner: TaskRunner, forced: asyncio.Event) -> Callable[[], None]:

@@ -25,6 +25,14 @@ RUNNER_KEY = "bgtasks.runner"
 MAX_RECORDED_PATH = 512
 
 
+def recordable(path: str) -> str:
+    """A request's path as every store can keep it, cut to MAX_RECORDED_PATH: a refused
+    request's path may hold NUL, which PostgreSQL's text refuses, or bytes that are not UTF-8
+    (lone surrogates), which neither store can encode. Those are kept as escapes."""
+    cut = path[:MAX_RECORDED_PATH]
+    return cut.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 def request_id_from(scope: Scope) -> tuple[str, bool]:
     """The client's X-Request-ID when it is well formed, else a fresh one; and whether it is
     the client's."""
@@ -75,7 +83,7 @@ class RegistryMiddleware:
         record = RequestRecord(
             request_id,
             scope["method"],
-            scope["path"][:MAX_RECORDED_PATH],
+            recordable(scope["path"]),
             time.time(),
             id_from_client=from_client,
         )

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from server.records import RequestRecord, TaskRecord
-from server.registry import Registry, StoreBusy
+from server.registry import Registry, RegistryError, StoreBusy
 from server.registry.claims import place_lines
 from server.registry.files import DataFiles
 from server.registry.postgres import PostgresStore
@@ -74,7 +74,7 @@ async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
     """What a `kill -9` between a claim's commit and its write leaves: the claim committed,
     not a byte of its line written, the owner's sessions (and its lock) gone."""
     files = DataFiles(registry.data_dir)
-    _, inode, size = files.lock(task.file)
+    _, inode, size = await files.lock(task.file)
     try:
         place_lines([task], inode, size)
         await registry.store.commit(Changes(), [[task]], [])
@@ -198,6 +198,30 @@ def test_tasks_read_by_status_and_the_registry_still_takes_work(
     assert done == [row for row in every if row["status"] == "done"]
     assert [(row["id"], row["owner"]) for row in done] == [("r1-1", "0000000a")]
     assert done[0]["host"]
+
+
+def test_a_commit_that_failed_does_not_fail_the_commits_after_it(
+    database: str, tmp_path: Path
+) -> None:
+    """psycopg prepares a statement run five times; one skipped in a pipeline after a failed
+    statement was counted as prepared, and every later commit then failed on it."""
+
+    async def run() -> None:
+        store = PostgresStore(database, tmp_path, retention=10_000, lock_timeout=0.3)
+        a = Registry(tmp_path, owner="0000000a", store=store, lock_timeout=0.3)
+        await a.open()
+        try:
+            for n in range(4):  # the commit that fails is the fifth of each statement
+                await a.commit_intents(one_task(f"r{n}", "x\n"))
+            bad = one_task("bad", "x\n")
+            bad.method = "P\x00ST"  # text PostgreSQL refuses: this commit fails
+            with pytest.raises(RegistryError):
+                await a.commit_intents(bad)
+            await a.commit_intents(one_task("after", "x\n"))
+        finally:
+            await a.close()
+
+    asyncio.run(run())
 
 
 def test_the_database_says_who_is_alive(database: str, tmp_path: Path) -> None:

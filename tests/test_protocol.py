@@ -19,6 +19,7 @@ import pytest
 from server.paths import owners_dir, registry_path
 from server.records import RequestRecord, TaskRecord
 from server.registry import files as files_module
+from server.registry import recovery as recovery_module
 from server.registry.batch import NOTE_WINDOW_S
 from server.registry.sqlite.prune import oldest_open_claim, prune
 from server.status import TaskStatus
@@ -263,6 +264,32 @@ def test_rule_10_a_recovery_that_died_after_writing_is_not_written_again(tmp_pat
     add_claim(conn, 3, [key], inode=inode, start=16)
     assert recover(tmp_path) == ["t1"]
     assert log.read_bytes() == b"earlier\nsomeone\n" + LINE.encode()
+
+
+def test_rule_10_a_recovery_that_meets_a_full_disk_records_nothing_and_the_next_writes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead owner claimed two lines and wrote the first; its recoverer finds the disk
+    full: it must not call the lines failed (a retry would write the first again), and the
+    recovery after it writes the second, once."""
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"one\n")
+    inode = log.stat().st_ino
+    conn = make_db(tmp_path)
+    add_task(conn, "t1", "one\n", inode=inode, offset=0, claim=1)
+    add_task(conn, "t2", "two\n", inode=inode, offset=4, claim=2)
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recovery_module.os, "write", full)
+    assert recover(tmp_path, owner="first") == []
+    assert [status_of(conn, "t1"), status_of(conn, "t2")] == ["running", "running"]
+    assert log.read_bytes() == b"one\n"
+    monkeypatch.undo()
+    assert recover(tmp_path, owner="second") == ["t1", "t2"]
+    assert log.read_bytes() == b"one\ntwo\n"
+    assert [status_of(conn, "t1"), status_of(conn, "t2")] == ["recovered", "recovered"]
 
 
 def test_rule_11_a_dead_owner_s_unclaimed_tasks_are_adopted_and_written_once(

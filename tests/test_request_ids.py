@@ -107,3 +107,20 @@ def test_a_refused_request_keeps_only_the_start_of_a_long_path(
     assert response.status_code == 422
     body = wait_until(lambda: record(live, response.headers["x-request-id"]))
     assert body["path"] == path[:MAX_RECORDED_PATH]
+
+
+def test_a_refused_path_with_nul_or_bytes_that_are_not_text_is_kept_escaped(
+    start_server: Callable[..., LiveServer],
+) -> None:
+    """PostgreSQL's text cannot hold NUL: a refused request's path keeps it as an escape, and
+    the registry goes on accepting work (one such request made every later commit fail)."""
+    live = start_server()
+    # uvicorn hands over a byte that is not UTF-8 as U+FFFD already.
+    for raw, kept in [("%00", "\\x00"), ("%FF", "\ufffd")]:
+        response = httpx.post(f"{live.url}/send-notification/a{raw}@example.com")
+        assert response.status_code == 422
+        request_id = response.headers["x-request-id"]
+        body = wait_until(lambda rid=request_id: record(live, rid))  # type: ignore[misc]
+        assert body["path"] == f"/send-notification/a{kept}@example.com"
+    accepted = httpx.post(f"{live.url}/send-notification/a@example.com", timeout=10)
+    assert accepted.status_code == 200

@@ -213,7 +213,7 @@ class GroupCommit:
             claimed_at = time.time()
             for name, submissions in sorted(by_file.items()):
                 try:
-                    fd, inode, size = self.files.lock(name)
+                    fd, inode, size = await self.files.lock(name)
                 except OSError as exc:
                     for _, ended in submissions:
                         ended(exc)

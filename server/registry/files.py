@@ -7,6 +7,7 @@ with a clear error, since a write to it could block the event loop or never reac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -15,6 +16,8 @@ import stat
 from pathlib import Path
 
 logger = logging.getLogger("bgtasks.registry")
+
+FLOCK_RETRY_S = 0.0005  # how soon a file another process holds is tried again
 
 # Appending and reading (recovery reads back what it finds at an offset); never through a
 # symlink, so the service cannot be led to write outside its data directory; non-blocking, so
@@ -34,20 +37,36 @@ class NotARegularFile(OSError):
 
 
 class DataFiles:
-    """The data directory's files, each opened once and locked around every claim's write."""
+    """The data directory's files, each opened once and locked around every claim's write.
+
+    A file's lock is two: an asyncio lock, because `flock` on one descriptor does not keep
+    this process's group commit and its recovery apart, and the `flock`, which keeps other
+    processes out. The `flock` is tried without blocking and tried again after a pause: a
+    sibling holding it across a networked commit must not stop this process's event loop.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self._dir = data_dir
         self._fds: dict[str, int] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
 
-    def lock(self, name: str) -> tuple[int, int, int]:
+    async def lock(self, name: str) -> tuple[int, int, int]:
         """Lock `name` exclusively and return (fd, inode, size): while the lock is held, its
-        size is where the next line goes (rule 3). Raises OSError."""
+        size is where the next line goes (rule 3). Raises OSError (then it is not held)."""
+        turn = self._turns.setdefault(name, asyncio.Lock())
+        await turn.acquire()
+        try:
+            return await self._lock(name)
+        except BaseException:
+            turn.release()
+            raise
+
+    async def _lock(self, name: str) -> tuple[int, int, int]:
         path = self._dir / name
         fd = self._fds.get(name)
         if fd is None:
             fd = self._fds[name] = _open_regular(path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        await _flock(fd)
         st = os.fstat(fd)
         try:
             current = os.stat(path, follow_symlinks=False)
@@ -57,7 +76,7 @@ class DataFiles:
         if not same:  # removed or replaced since it was opened: write to what is there now
             self._close(name)
             fd = self._fds[name] = _open_regular(path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            await _flock(fd)
             st = os.fstat(fd)
         return fd, st.st_ino, st.st_size
 
@@ -65,6 +84,7 @@ class DataFiles:
         fd = self._fds.get(name)
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
+        self._turns[name].release()
 
     def _close(self, name: str) -> None:
         fd = self._fds.pop(name, None)
@@ -75,6 +95,15 @@ class DataFiles:
     def close(self) -> None:
         for name in list(self._fds):
             self._close(name)
+
+
+async def _flock(fd: int) -> None:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(FLOCK_RETRY_S)
 
 
 def _open_regular(path: Path) -> int:

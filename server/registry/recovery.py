@@ -50,6 +50,16 @@ async def recover_dead_owners(
             done, moved = await _recover_owner(store, files, owner, me, observer)
             finished += done
             adopted += moved
+        except OSError as exc:
+            # Nothing of it is recorded: what was written is under claims in its name (rule
+            # 10), so the next recovery reads it back (rules 8 and 9) and writes the rest.
+            logger.warning(
+                "could not recover the work of stopped server %s (%s: %s); the next"
+                " recovery tries again",
+                owner,
+                type(exc).__name__,
+                exc,
+            )
         finally:
             owners.release(owner, fd)
     return finished, adopted
@@ -86,13 +96,7 @@ async def _recover_owner(
         by_file.setdefault(task.file, []).append(task)
     finished: list[TaskRecord] = []
     for name, tasks in by_file.items():
-        try:
-            finished += await _resolve(store, files, owner, name, tasks, later)
-        except OSError as exc:
-            for task in tasks:
-                task.status, task.finished_at = TaskStatus.FAILED, time.time()
-                task.last_error = f"recovery failed: {type(exc).__name__}: {exc}"
-                finished.append(task)
+        finished += await _resolve(store, files, owner, name, tasks, later)  # OSError: later
     await store.end_recovery(owner, finished)
     for task in finished:
         outcome = task.status if task.last_error is None else task.last_error
@@ -118,7 +122,7 @@ async def _resolve(
     later: Mapping[int, int | None],
 ) -> list[TaskRecord]:
     """Finish a dead owner's claimed lines in one file: keep what is there, write the rest."""
-    fd, inode, size = files.lock(name)
+    fd, inode, size = await files.lock(name)
     try:
         to_write: list[tuple[TaskRecord, int]] = []  # (task, bytes already present)
         complete: list[TaskRecord] = []
@@ -142,10 +146,16 @@ async def _resolve(
             offset += len(task.data) - present
         if to_write:
             await store.claim_for(owner, [task for task, _ in to_write])  # rule 10
+        end = size
         for task, present in to_write:
             rest = task.data[present:]
-            if os.write(fd, rest) != len(rest):
-                raise OSError(f"short write while recovering {task.id}")
+            try:
+                if os.write(fd, rest) != len(rest):
+                    raise OSError(f"short write while recovering {task.id}")
+            except OSError:
+                os.ftruncate(fd, end)  # no part of a line stays for others to write after
+                raise
+            end += len(rest)
         now = time.time()
         done = [*complete, *(task for task, _ in to_write)]
         for task in done:

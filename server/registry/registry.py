@@ -95,6 +95,7 @@ class Registry:
         self._owner_fd = self._owners.hold(self.owner)
         try:
             await self.store.open(self.owner)
+            self._record_until(await self.store.listened_until())  # a stream may be open
             finished, adopted = await recover_dead_owners(
                 self.store,
                 self._files,

@@ -47,12 +47,24 @@ def shielded(read: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     return asyncio.shield(read)
 
 
-async def connect(url: str, name: str, **kwargs: Any) -> AsyncConnection[Any]:
+async def connect(
+    url: str, name: str, *, timeout: float = 5.0, **kwargs: Any
+) -> AsyncConnection[Any]:
     """A connection with the session settings every registry connection needs; `name` is
-    what `pg_stat_activity.application_name` shows of it."""
+    what `pg_stat_activity.application_name` shows of it. A statement that waits for a lock,
+    or runs, longer than `timeout` seconds fails (and is retried, then refused, as a busy
+    registry is), rather than holding the group commit.
+
+    Statements are not prepared on the server: psycopg would count a statement skipped in a
+    pipeline after a failed one as prepared, and every later commit would fail on it."""
     settings = psycopg.conninfo.conninfo_to_dict(SESSION)
+    ms = max(1, round(timeout * 1000))
+    options = f"{settings.get('options') or ''} -c lock_timeout={ms} -c statement_timeout={ms}"
+    settings["options"] = options
     conninfo = psycopg.conninfo.make_conninfo(url, application_name=name, **settings)
-    conn: AsyncConnection[Any] = await AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
+    conn: AsyncConnection[Any] = await AsyncConnection.connect(
+        conninfo, autocommit=True, prepare_threshold=None, **kwargs
+    )
     # Every int as a bigint, so a statement's parameter types (and its prepared plan) stay the
     # same as keys grow; lists as binary arrays (the text form quotes each element in Python).
     conn.adapters.register_dumper(int, Int8Dumper)

@@ -99,6 +99,14 @@ async def prune(conn: AsyncConnection[Any], retention: int) -> None:
 # later can sort before what a stream has read. A cursor is "<txid>.<row id>".
 
 
+async def listen(conn: AsyncConnection[Any], until: float) -> None:
+    await conn.execute(
+        "INSERT INTO bgtasks.listening VALUES (1, %s) ON CONFLICT (one)"
+        " DO UPDATE SET until = greatest(listening.until, excluded.until)",
+        (until,),
+    )
+
+
 async def listened_until(conn: AsyncConnection[dict[str, Any]]) -> float:
     cursor = await conn.execute("SELECT max(until) AS u FROM bgtasks.listening")
     row = await cursor.fetchone()

@@ -44,10 +44,13 @@ class PostgresStore:
     name = "postgresql"
     shared = True
 
-    def __init__(self, url: str, data_dir: Path, *, retention: int) -> None:
+    def __init__(
+        self, url: str, data_dir: Path, *, retention: int, lock_timeout: float = 5.0
+    ) -> None:
         self.url = url
         self.data_dir = data_dir
         self.retention = retention
+        self.lock_timeout = lock_timeout
         self.owner = ""
         self._here = ""  # this data directory's id, in the claims made in it
         self._conn: AsyncConnection[Any] | None = None
@@ -72,7 +75,7 @@ class PostgresStore:
                 "INSERT INTO bgtasks.owners VALUES (%s, %s, %s, %s, %s)",
                 (owner, socket.gethostname(), os.getpid(), self._here, time.time()),
             )
-            self._reader = await connect(self.url, f"bgtasks {owner} reads", row_factory=dict_row)
+            self._reader = await self._new_reader()
 
     async def close(self) -> None:
         # The owner's row stays, so that its tasks still show its host; its lock goes with
@@ -87,7 +90,8 @@ class PostgresStore:
         it if it is not yet held."""
         if self._conn is None or self._conn.broken or self._conn.closed:
             self._lock_held = False
-            self._conn = await connect(self.url, f"bgtasks {self.owner} commits")
+            name = f"bgtasks {self.owner} commits"
+            self._conn = await connect(self.url, name, timeout=self.lock_timeout)
         if self.owner and not self._lock_held:
             # After a cut the old session may hold it until the server notices: try again at
             # each commit (meanwhile the claim statement keeps every line safe).
@@ -230,19 +234,11 @@ class PostgresStore:
     # -- recovery --------------------------------------------------------------------------
 
     async def is_alive(self, owner: str) -> bool:
-        with translated("read", self.url):
-            cursor = await shielded(
-                (await self._read()).execute(
-                    LOCKS + " AND objid = %s::oid", (NAMESPACE, int(owner, 16))
-                )
-            )
-            row = await cursor.fetchone()
+        row = await self._one(LOCKS + " AND objid = %s::oid", (NAMESPACE, int(owner, 16)))
         return bool(row and row["n"])
 
     async def live_owners(self) -> int:
-        with translated("read", self.url):
-            cursor = await shielded((await self._read()).execute(LOCKS, (NAMESPACE,)))
-            row = await cursor.fetchone()
+        row = await self._one(LOCKS, (NAMESPACE,))
         return int(row["n"]) if row else 0
 
     async def owners_with_unfinished_tasks(self) -> set[str]:
@@ -259,15 +255,11 @@ class PostgresStore:
             return await shielded(recovery.dead_owner_work(await self._read(), owner, self._here))
 
     async def earliest_later_start(self, claim: Claim) -> int | None:
-        with translated("read", self.url):
-            cursor = await shielded(
-                (await self._read()).execute(
-                    "SELECT min(start) AS start FROM bgtasks.claims WHERE data_dir = %s"
-                    " AND file = %s AND inode = %s AND claim > %s",
-                    (self._here, claim.file, claim.inode, claim.number),
-                )
-            )
-            row = await cursor.fetchone()
+        row = await self._one(
+            "SELECT min(start) AS start FROM bgtasks.claims WHERE data_dir = %s"
+            " AND file = %s AND inode = %s AND claim > %s",
+            (self._here, claim.file, claim.inode, claim.number),
+        )
         return None if row is None or row["start"] is None else int(row["start"])
 
     async def claim_for(self, owner: str, tasks: Sequence[TaskRecord]) -> Claim:
@@ -355,11 +347,7 @@ class PostgresStore:
 
     async def listen(self, until: float) -> None:
         async with self._transaction() as conn:
-            await conn.execute(
-                "INSERT INTO bgtasks.listening VALUES (1, %s) ON CONFLICT (one)"
-                " DO UPDATE SET until = greatest(listening.until, excluded.until)",
-                (until,),
-            )
+            await queries.listen(conn, until)
 
     async def listened_until(self) -> float:
         with translated("read", self.url):
@@ -385,9 +373,19 @@ class PostgresStore:
         if self._reader.broken or self._reader.closed:
             async with self._reconnecting:
                 if self._reader.broken or self._reader.closed:
-                    name = f"bgtasks {self.owner} reads"
-                    self._reader = await connect(self.url, name, row_factory=dict_row)
+                    self._reader = await self._new_reader()
         return self._reader
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
+        """The first row of a read on the read connection."""
+        with translated("read", self.url):
+            cursor = await shielded((await self._read()).execute(sql, params))
+            row: dict[str, Any] | None = await cursor.fetchone()
+            return row
+
+    async def _new_reader(self) -> AsyncConnection[Any]:
+        name = f"bgtasks {self.owner} reads"
+        return await connect(self.url, name, timeout=self.lock_timeout, row_factory=dict_row)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection[Any]]:
