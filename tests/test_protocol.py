@@ -468,3 +468,58 @@ def test_a_line_whose_file_is_not_a_regular_file_fails_and_nothing_blocks(
     assert errors == {f"log.txt is {kind}, not a regular file"}
     assert ends["readme-t"] is None
     assert (tmp_path / "README.md").read_text() == "\n## FastAPI 框架精讲"
+
+
+def test_rule_3_one_process_s_recovery_and_group_commit_take_turns_on_a_file(
+    tmp_path: Path,
+) -> None:
+    """`flock` on one descriptor does not keep one process's users apart: the file's own
+    turn does, so two placements in one process never read the same size."""
+
+    async def run() -> bool:
+        files = files_module.DataFiles(tmp_path)
+        await files.lock("log.txt")
+        second = asyncio.create_task(files.lock("log.txt"))
+        await asyncio.sleep(0.05)
+        waited = not second.done()
+        files.unlock("log.txt")
+        await second
+        files.unlock("log.txt")
+        files.close()
+        return waited
+
+    assert asyncio.run(run())
+
+
+def test_rule_3_a_file_another_process_holds_is_waited_for_without_stopping_the_loop(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "log.txt").touch()
+    other = os.open(tmp_path / "log.txt", os.O_RDWR)  # another open file: as another process
+    fcntl.flock(other, fcntl.LOCK_EX)
+
+    async def run() -> int:
+        files = files_module.DataFiles(tmp_path)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        ticker = asyncio.create_task(tick())
+        locking = asyncio.create_task(files.lock("log.txt"))
+        await asyncio.sleep(0.05)
+        assert not locking.done()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        await locking
+        ticker.cancel()
+        files.unlock("log.txt")
+        files.close()
+        return ticks
+
+    try:
+        assert asyncio.run(run()) > 5  # the loop ran on while the lock was held elsewhere
+    finally:
+        os.close(other)
