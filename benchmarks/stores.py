@@ -1,0 +1,396 @@
+"""The PostgreSQL store against the SQLite one, in one run (issue 15): `bench.py --store postgres`.
+
+Run from the repository root (PostgreSQL on 127.0.0.1:5432, trust auth for user postgres):
+
+    python benchmarks/bench.py --store postgres           # 2 rounds, about 3 minutes on 2 cores
+    python benchmarks/bench.py --store postgres --quick   # 1 small round, under 60 s
+
+Three configurations, each served as bench.py serves bgtasks (`same_shape_app.py`: the factory
+`bgtasks serve` runs, under uvicorn with uvloop and httptools when installed, delay 0):
+SQLite with one process; PostgreSQL with one process; PostgreSQL with two processes, each with
+a data directory of its own and one database, the load's connections split evenly across the
+two ports. For each one, two phases, each on fresh servers (and a fresh registry):
+
+  1. throughput: a warm-up, then 50 closed-loop connections (bench.py's asyncio generator) for
+     `load_seconds`. req/s is 200s ÷ the load's duration; p50/p99 are over every response of
+     both ports together. The end-to-end rate is the acknowledged requests whose two lines
+     are both in log.txt (bench.py's line counting, over every data directory) ÷ the time from
+     the first request to the last line written (the latest mtime of the log.txt files, read
+     once every task has finished). The registry's own commit timings (its /metrics commit
+     and batch-size histograms, taken before and after the load) say where its time goes.
+  2. kill -9: the same load with a task delay of KILL_DELAY_S, so that many tasks are queued,
+     asleep or claimed when process 1 gets SIGKILL at KILL_AT of the load. The load goes on
+     against the survivor, if any; then process 1 is started again on its data directory (its
+     claimed lines resolve there, and on PostgreSQL the survivor adopts the rest), and once
+     every task has finished the acknowledged requests are counted against the lines of every
+     log.txt: lost, duplicated and malformed lines.
+
+Configurations take turns in each round (reversed in the next), so a slow spell of a shared
+machine does not land on one only; ratios are taken within a round, figures are medians over
+rounds. The database is `bgtasks_bench_<12 hex digits>`, made for this run and dropped at its
+end (its sessions ended first), also on a failure, Ctrl-C or SIGTERM; its schema is dropped
+between phases. Only loopback servers are accepted; every load is bounded in requests and
+seconds. Goals are judged only in a full run and never make the script fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+import bench
+
+CONNS = 50
+KILL_DELAY_S = 0.5
+KILL_AT = 0.5
+SETTLE_BOUND_S = 60.0
+PREFIX = "bgtasks_bench_"
+GOALS = {"pg1_vs_sqlite": 0.6, "pg2_vs_pg1": 1.3}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much load each phase gets, per configuration."""
+
+    warm_up_s: float
+    load_seconds: float
+    kill_seconds: float
+
+
+FULL = Profile(warm_up_s=1, load_seconds=10, kill_seconds=6)
+QUICK = Profile(warm_up_s=0.5, load_seconds=2, kill_seconds=2)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration: its store and how many processes share the load."""
+
+    key: str
+    label: str
+    postgres: bool
+    processes: int
+
+
+SETUPS = (
+    Setup("sqlite_1", "SQLite, 1 process", postgres=False, processes=1),
+    Setup("pg_1", "PostgreSQL, 1 process", postgres=True, processes=1),
+    Setup("pg_2", "PostgreSQL, 2 processes", postgres=True, processes=2),
+)
+
+
+# -- the database ----------------------------------------------------------------------------
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the URL's host is a loopback address (or localhost)."""
+    import psycopg
+
+    host = psycopg.conninfo.conninfo_to_dict(url).get("host") or "localhost"
+    if host == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return False
+
+
+@contextlib.contextmanager
+def bench_database(admin_url: str) -> Iterator[str]:
+    """A new database on the server of `admin_url`: its URL, dropped at the end. SIGTERM
+    stops the run as Ctrl-C does, through the drop."""
+    import psycopg
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    name = PREFIX + secrets.token_hex(6)  # hex digits: nothing to quote
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the drop finish
+        try:
+            with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+                end_sessions(admin, name)
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def end_sessions(conn: Any, name: str) -> None:
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+
+
+def fresh_registry(url: str) -> None:
+    """Drop the registry's schema (the servers made it; they have stopped)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        end_sessions(conn, url.rsplit("/", 1)[1])
+        conn.execute("DROP SCHEMA IF EXISTS bgtasks CASCADE")
+
+
+# -- servers and loads -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def servers(setup: Setup, workdir: Path, url: str, delay: float) -> Iterator[list[bench.Server]]:
+    """The setup's processes, on fresh data directories; on PostgreSQL, a fresh registry
+    after they stop."""
+    env = {"BGTASKS_DATABASE_URL": url} if setup.postgres else {}
+    try:
+        with contextlib.ExitStack() as stack:
+            yield [
+                stack.enter_context(bench.serve("bgtasks", workdir, delay, env=env))
+                for _ in range(setup.processes)
+            ]
+    finally:
+        if setup.postgres:
+            fresh_registry(url)
+
+
+async def split_load(
+    srvs: list[bench.Server], tag: str, seconds: float, kill_after: float | None = None
+) -> bench.Load:
+    """CONNS connections split evenly across the servers, as one load; with `kill_after`,
+    the first server gets SIGKILL that many seconds in (the rest of its connections fail)."""
+    sinks: list[list[float]] = [[] for _ in srvs]
+    per = CONNS // len(srvs)
+    jobs = [
+        bench.asyncio_load(srv.port, bench.NOTIFY, f"{tag}{chr(97 + i)}", per, seconds, 0, sink)
+        for i, (srv, sink) in enumerate(zip(srvs, sinks, strict=True))
+    ]
+
+    async def kill() -> None:
+        assert kill_after is not None
+        await asyncio.sleep(kill_after)
+        srvs[0].proc.kill()
+
+    loads = await asyncio.gather(*jobs, *([kill()] if kill_after is not None else []))
+    parts = [load for load in loads if isinstance(load, bench.Load)]
+    latencies = sorted(x for sink in sinks for x in sink)
+    return bench.Load(
+        ok=sum(p.ok for p in parts),
+        failed=sum(p.failed for p in parts),
+        seconds=max(p.seconds for p in parts),
+        p50_ms=bench.percentile(latencies, 50) * 1e3,
+        p99_ms=bench.percentile(latencies, 99) * 1e3,
+        acked=[rid for p in parts for rid in p.acked],
+    )
+
+
+def settle(srvs: list[bench.Server]) -> None:
+    """Wait (bounded) until no server has a queued or running task."""
+    deadline = time.monotonic() + SETTLE_BOUND_S
+    while any(bench.unfinished_tasks(srv.port) for srv in srvs):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tasks still unfinished after {SETTLE_BOUND_S:.0f} s")
+        time.sleep(0.05)
+
+
+def logs(srvs: list[bench.Server]) -> list[Path]:
+    return [srv.data_dir / "log.txt" for srv in srvs]
+
+
+def complete_requests(log_paths: list[Path], acked: list[str]) -> int:
+    """Acknowledged requests whose two lines are both written, in any of the files."""
+    counts, _ = bench.count_lines(*log_paths)
+    return sum(all(counts[line] for line in bench.expected_lines(rid)) for rid in acked)
+
+
+_SAMPLE = re.compile(r"^(bgtasks_registry_(?:commit_seconds|batch_size)_(?:sum|count)) (\S+)$")
+
+
+def commit_tallies(srvs: list[bench.Server]) -> dict[str, float]:
+    """The registry's commit and batch-size histograms' sums and counts, over the servers."""
+    totals: dict[str, float] = {}
+    for srv in srvs:
+        conn = HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        for line in text.splitlines():
+            if match := _SAMPLE.match(line):
+                totals[match[1]] = totals.get(match[1], 0.0) + float(match[2])
+    return totals
+
+
+# -- the two phases --------------------------------------------------------------------------
+
+
+def throughput(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, float]:
+    """Phase 1: req/s, latency, end-to-end rate and the registry's commits under load."""
+    with servers(setup, workdir, url, delay=0.0) as srvs:
+        bench.run_async(split_load(srvs, "W", p.warm_up_s))
+        settle(srvs)
+        before = commit_tallies(srvs)
+        first_request = time.time()
+        load = bench.run_async(split_load(srvs, "T", p.load_seconds))
+        settle(srvs)
+        last_write = max(path.stat().st_mtime for path in logs(srvs))
+        after = commit_tallies(srvs)
+        complete = complete_requests(logs(srvs), load.acked)
+        lines = bench.count_lines(*logs(srvs))[1]
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    commits = delta.get("bgtasks_registry_commit_seconds_count", 0.0)
+    per = max(commits, 1.0)
+    return {
+        "rps": load.rps,
+        "e2e_rps": complete / (last_write - first_request),
+        "p50_ms": load.p50_ms,
+        "p99_ms": load.p99_ms,
+        "acked": len(load.acked),
+        "complete": complete,
+        "failed": load.failed,
+        "malformed": lines,
+        "first_request_to_last_write_s": last_write - first_request,
+        "commits_per_s": commits / load.seconds,
+        "commit_mean_ms": delta.get("bgtasks_registry_commit_seconds_sum", 0.0) / per * 1e3,
+        "commit_busy_share": delta.get("bgtasks_registry_commit_seconds_sum", 0.0)
+        / (load.seconds * setup.processes),
+        "batch_mean": delta.get("bgtasks_registry_batch_size_sum", 0.0) / per,
+    }
+
+
+def kill_nine(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, float]:
+    """Phase 2: kill -9 of process 1 mid-load, its restart, then lines against the acks."""
+    env = {"BGTASKS_DATABASE_URL": url} if setup.postgres else {}
+    with servers(setup, workdir, url, delay=KILL_DELAY_S) as srvs:
+        victim = srvs[0]
+        load = bench.run_async(split_load(srvs, "K", p.kill_seconds, p.kill_seconds * KILL_AT))
+        victim.proc.wait(bench.STOP_BOUND_S)
+        restart = bench.serve("bgtasks", workdir, KILL_DELAY_S, data_dir=victim.data_dir, env=env)
+        with restart as again:
+            alive = [again, *srvs[1:]]
+            settle(alive)
+            counts, malformed = bench.count_lines(*logs(alive))
+    expected = [line for rid in load.acked for line in bench.expected_lines(rid)]
+    return {
+        "acked": len(load.acked),
+        "lost": sum(counts[line] == 0 for line in expected),
+        "duplicated": sum(n - 1 for n in counts.values() if n > 1),
+        "malformed": malformed,
+        "failed": load.failed,
+        "killed_after_s": p.kill_seconds * KILL_AT,
+    }
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    e2e = {key: results[key]["throughput"]["e2e_rps"] for key in results}
+    return {"pg1_vs_sqlite": e2e["pg_1"] / e2e["sqlite_1"], "pg2_vs_pg1": e2e["pg_2"] / e2e["pg_1"]}
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-round numbers, nested dicts of floats, as their medians."""
+    first = rounds[0]
+    if not isinstance(first, dict):
+        return statistics.median(rounds)  # type: ignore[arg-type]
+    return {key: medians([r[key] for r in rounds]) for key in first}
+
+
+def print_report(report: dict[str, Any], judged: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    res, m = report["results"], report["machine"]
+    table = Table(title=f"bgtasks stores ({report['mode']}, medians of {report['rounds']})")
+    for column in (
+        "configuration",
+        "req/s",
+        "end-to-end req/s",
+        "p50 / p99 ms",
+        "commits/s, mean ms, batch",
+        "kill -9: lost / dup / malformed of acked",
+    ):
+        table.add_column(column)  # fmt: skip
+    for setup in SETUPS:
+        t, k = res[setup.key]["throughput"], res[setup.key]["kill"]
+        table.add_row(
+            setup.label,
+            bench.fmt(t["rps"]),
+            bench.fmt(t["e2e_rps"]),
+            bench.fmt(t["p50_ms"], t["p99_ms"]),
+            bench.fmt(t["commits_per_s"], t["commit_mean_ms"], t["batch_mean"]),
+            f"{bench.fmt(k['lost'], k['duplicated'], k['malformed'])} of {k['acked']:,.0f}",
+        )
+    console = Console(width=140)
+    console.print(table)
+    for key, value in report["ratios"].items():
+        met = value >= GOALS[key]
+        verdict = ("pass" if met else "FAIL") if judged else "not judged"
+        console.print(f"{key}: {value:.3f} (goal ≥ {GOALS[key]}) {verdict}")
+    console.print(
+        f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, uvloop {m['uvloop']}, "
+        f"httptools {m['httptools']}; load average at start / end "
+        f"{m['load_average_1min_at_start']:.2f} / {report['load_average_1min_at_end']:.2f}"
+    )
+    console.print(f"command: {report['command']} (commit {m['commit']})")
+
+
+def main(args: argparse.Namespace, command: str) -> int:
+    """Run the comparison, print the table, write the JSON."""
+    if not is_loopback(args.pg_url):
+        raise SystemExit("--pg-url must name a loopback server: the load stays on this machine")
+    profile = QUICK if args.quick else FULL
+    rounds = args.repeats or (1 if args.quick else 2)
+    out = args.out or bench.HERE / "results" / "stores.json"
+    host = bench.machine("asyncio")
+    per_round: list[dict[str, Any]] = []
+    with (
+        bench_database(args.pg_url) as url,
+        tempfile.TemporaryDirectory(prefix="bgtasks-stores-") as tmp,
+    ):
+        for i in range(rounds):
+            order = SETUPS if i % 2 == 0 else SETUPS[::-1]
+            found: dict[str, Any] = {}
+            for setup in order:
+                print(f"round {i + 1}/{rounds}: {setup.label} ...", file=sys.stderr, flush=True)
+                workdir = Path(tempfile.mkdtemp(prefix=f"{setup.key}-", dir=tmp))
+                found[setup.key] = {
+                    "throughput": throughput(setup, profile, workdir, url),
+                    "kill": kill_nine(setup, profile, workdir, url),
+                }
+            per_round.append({"results": found, "ratios": ratios(found)})
+    report = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "mode": "quick" if args.quick else "full",
+        "rounds": rounds,
+        "machine": host,
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "profile": asdict(profile),
+        "results": medians([r["results"] for r in per_round]),
+        "ratios": medians([r["ratios"] for r in per_round]),
+        "per_round": per_round,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print_report(report, judged=not args.quick)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
