@@ -38,29 +38,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
-import re
-import secrets
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
 import bench
+import bench_db
+import usage
 
 CONNS = 50
 KILL_DELAY_S = 0.5
 KILL_AT = 0.5
 SETTLE_BOUND_S = 60.0
-PREFIX = "bgtasks_bench_"
 GOALS = {"pg1_vs_sqlite": 0.6, "pg2_vs_pg1": 1.3}
 
 
@@ -94,63 +90,6 @@ SETUPS = (
 )
 
 
-# -- the database ----------------------------------------------------------------------------
-
-
-def is_loopback(url: str) -> bool:
-    """Whether the URL's host is a loopback address (or localhost)."""
-    import psycopg
-
-    host = psycopg.conninfo.conninfo_to_dict(url).get("host") or "localhost"
-    if host == "localhost":
-        return True
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host).is_loopback
-    return False
-
-
-@contextlib.contextmanager
-def bench_database(admin_url: str) -> Iterator[str]:
-    """A new database on the server of `admin_url`: its URL, dropped at the end. SIGTERM
-    stops the run as Ctrl-C does, through the drop."""
-    import psycopg
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    name = PREFIX + secrets.token_hex(6)  # hex digits: nothing to quote
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield admin_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the drop finish
-        try:
-            with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
-                end_sessions(admin, name)
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def end_sessions(conn: Any, name: str) -> None:
-    conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE datname = %s AND pid <> pg_backend_pid()",
-        (name,),
-    )
-
-
-def fresh_registry(url: str) -> None:
-    """Drop the registry's schema (the servers made it; they have stopped)."""
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        end_sessions(conn, url.rsplit("/", 1)[1])
-        conn.execute("DROP SCHEMA IF EXISTS bgtasks CASCADE")
-
-
 # -- servers and loads -----------------------------------------------------------------------
 
 
@@ -167,7 +106,7 @@ def servers(setup: Setup, workdir: Path, url: str, delay: float) -> Iterator[lis
             ]
     finally:
         if setup.postgres:
-            fresh_registry(url)
+            bench_db.fresh_registry(url)
 
 
 async def split_load(
@@ -219,25 +158,6 @@ def complete_requests(log_paths: list[Path], acked: list[str]) -> int:
     return sum(all(counts[line] for line in bench.expected_lines(rid)) for rid in acked)
 
 
-_SAMPLE = re.compile(r"^(bgtasks_registry_(?:commit_seconds|batch_size)_(?:sum|count)) (\S+)$")
-
-
-def commit_tallies(srvs: list[bench.Server]) -> dict[str, float]:
-    """The registry's commit and batch-size histograms' sums and counts, over the servers."""
-    totals: dict[str, float] = {}
-    for srv in srvs:
-        conn = HTTPConnection("127.0.0.1", srv.port, timeout=10)
-        try:
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
-        finally:
-            conn.close()
-        for line in text.splitlines():
-            if match := _SAMPLE.match(line):
-                totals[match[1]] = totals.get(match[1], 0.0) + float(match[2])
-    return totals
-
-
 # -- the two phases --------------------------------------------------------------------------
 
 
@@ -246,12 +166,14 @@ def throughput(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, f
     with servers(setup, workdir, url, delay=0.0) as srvs:
         bench.run_async(split_load(srvs, "W", p.warm_up_s))
         settle(srvs)
-        before = commit_tallies(srvs)
-        first_request = time.time()
-        load = bench.run_async(split_load(srvs, "T", p.load_seconds))
+        ports, pids = [srv.port for srv in srvs], [srv.proc.pid for srv in srvs]
+        before = usage.commit_tallies(ports)
+        with usage.cpu_shares(pids, bench_db.backends(url) if setup.postgres else []) as cpu:
+            first_request = time.time()
+            load = bench.run_async(split_load(srvs, "T", p.load_seconds))
         settle(srvs)
         last_write = max(path.stat().st_mtime for path in logs(srvs))
-        after = commit_tallies(srvs)
+        after = usage.commit_tallies(ports)
         complete = complete_requests(logs(srvs), load.acked)
         lines = bench.count_lines(*logs(srvs))[1]
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
@@ -272,6 +194,7 @@ def throughput(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, f
         "commit_busy_share": delta.get("bgtasks_registry_commit_seconds_sum", 0.0)
         / (load.seconds * setup.processes),
         "batch_mean": delta.get("bgtasks_registry_batch_size_sum", 0.0) / per,
+        **{f"cpu_us_per_request_{key}": value / load.ok * 1e6 for key, value in cpu.items()},
     }
 
 
@@ -306,12 +229,11 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {"pg1_vs_sqlite": e2e["pg_1"] / e2e["sqlite_1"], "pg2_vs_pg1": e2e["pg_2"] / e2e["pg_1"]}
 
 
-def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-round numbers, nested dicts of floats, as their medians."""
-    first = rounds[0]
-    if not isinstance(first, dict):
-        return statistics.median(rounds)  # type: ignore[arg-type]
-    return {key: medians([r[key] for r in rounds]) for key in first}
+def medians(rounds: list[Any]) -> Any:
+    """Per-round numbers (floats, or dicts of them, nested) as their medians."""
+    if not isinstance(rounds[0], dict):
+        return statistics.median(rounds)
+    return {key: medians([r[key] for r in rounds]) for key in rounds[0]}
 
 
 def print_report(report: dict[str, Any], judged: bool) -> None:
@@ -355,7 +277,7 @@ def print_report(report: dict[str, Any], judged: bool) -> None:
 
 def main(args: argparse.Namespace, command: str) -> int:
     """Run the comparison, print the table, write the JSON."""
-    if not is_loopback(args.pg_url):
+    if not bench_db.is_loopback(args.pg_url):
         raise SystemExit("--pg-url must name a loopback server: the load stays on this machine")
     profile = QUICK if args.quick else FULL
     rounds = args.repeats or (1 if args.quick else 2)
@@ -363,7 +285,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     host = bench.machine("asyncio")
     per_round: list[dict[str, Any]] = []
     with (
-        bench_database(args.pg_url) as url,
+        bench_db.bench_database(args.pg_url) as url,
         tempfile.TemporaryDirectory(prefix="bgtasks-stores-") as tmp,
     ):
         for i in range(rounds):
