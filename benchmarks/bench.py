@@ -833,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         help="instead, the PostgreSQL store against the SQLite one (benchmarks/stores.py)",
     )
     parser.add_argument(
+        "--conns", type=int, default=50, help="with --store: the load's connections (default 50)"
+    )
+    parser.add_argument(
         "--pg-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="with --store postgres: a loopback server, where a database of its own is made",

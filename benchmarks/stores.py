@@ -11,7 +11,7 @@ SQLite with one process; PostgreSQL with one process; PostgreSQL with two proces
 a data directory of its own and one database, the load's connections split evenly across the
 two ports. For each one, two phases, each on fresh servers (and a fresh registry):
 
-  1. throughput: a warm-up, then 50 closed-loop connections (bench.py's asyncio generator) for
+  1. throughput: a warm-up, then 50 closed-loop connections (`--conns`) (bench.py's asyncio generator) for
      `load_seconds`. req/s is 200s ÷ the load's duration; p50/p99 are over every response of
      both ports together. The end-to-end rate is the acknowledged requests whose two lines
      are both in log.txt (bench.py's line counting, over every data directory) ÷ the time from
@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class Profile:
     warm_up_s: float
     load_seconds: float
     kill_seconds: float
+    conns: int = CONNS  # the load's connections, split evenly across the processes
 
 
 FULL = Profile(warm_up_s=1, load_seconds=10, kill_seconds=6)
@@ -110,12 +111,16 @@ def servers(setup: Setup, workdir: Path, url: str, delay: float) -> Iterator[lis
 
 
 async def split_load(
-    srvs: list[bench.Server], tag: str, seconds: float, kill_after: float | None = None
+    srvs: list[bench.Server],
+    tag: str,
+    seconds: float,
+    conns: int = CONNS,
+    kill_after: float | None = None,
 ) -> bench.Load:
-    """CONNS connections split evenly across the servers, as one load; with `kill_after`,
+    """`conns` connections split evenly across the servers, as one load; with `kill_after`,
     the first server gets SIGKILL that many seconds in (the rest of its connections fail)."""
     sinks: list[list[float]] = [[] for _ in srvs]
-    per = CONNS // len(srvs)
+    per = conns // len(srvs)
     jobs = [
         bench.asyncio_load(srv.port, bench.NOTIFY, f"{tag}{chr(97 + i)}", per, seconds, 0, sink)
         for i, (srv, sink) in enumerate(zip(srvs, sinks, strict=True))
@@ -164,13 +169,13 @@ def complete_requests(log_paths: list[Path], acked: list[str]) -> int:
 def throughput(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, float]:
     """Phase 1: req/s, latency, end-to-end rate and the registry's commits under load."""
     with servers(setup, workdir, url, delay=0.0) as srvs:
-        bench.run_async(split_load(srvs, "W", p.warm_up_s))
+        bench.run_async(split_load(srvs, "W", p.warm_up_s, p.conns))
         settle(srvs)
         ports, pids = [srv.port for srv in srvs], [srv.proc.pid for srv in srvs]
         before = usage.commit_tallies(ports)
         with usage.cpu_shares(pids, bench_db.backends(url) if setup.postgres else []) as cpu:
             first_request = time.time()
-            load = bench.run_async(split_load(srvs, "T", p.load_seconds))
+            load = bench.run_async(split_load(srvs, "T", p.load_seconds, p.conns))
         settle(srvs)
         last_write = max(path.stat().st_mtime for path in logs(srvs))
         after = usage.commit_tallies(ports)
@@ -203,7 +208,9 @@ def kill_nine(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, fl
     env = {"BGTASKS_DATABASE_URL": url} if setup.postgres else {}
     with servers(setup, workdir, url, delay=KILL_DELAY_S) as srvs:
         victim = srvs[0]
-        load = bench.run_async(split_load(srvs, "K", p.kill_seconds, p.kill_seconds * KILL_AT))
+        load = bench.run_async(
+            split_load(srvs, "K", p.kill_seconds, p.conns, p.kill_seconds * KILL_AT)
+        )
         victim.proc.wait(bench.STOP_BOUND_S)
         restart = bench.serve("bgtasks", workdir, KILL_DELAY_S, data_dir=victim.data_dir, env=env)
         with restart as again:
@@ -279,7 +286,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     """Run the comparison, print the table, write the JSON."""
     if not bench_db.is_loopback(args.pg_url):
         raise SystemExit("--pg-url must name a loopback server: the load stays on this machine")
-    profile = QUICK if args.quick else FULL
+    profile = replace(QUICK if args.quick else FULL, conns=args.conns)
     rounds = args.repeats or (1 if args.quick else 2)
     out = args.out or bench.HERE / "results" / "stores.json"
     host = bench.machine("asyncio")
