@@ -11,13 +11,15 @@ SQLite with one process; PostgreSQL with one process; PostgreSQL with two proces
 a data directory of its own and one database, the load's connections split evenly across the
 two ports. For each one, two phases, each on fresh servers (and a fresh registry):
 
-  1. throughput: a warm-up, then 50 closed-loop connections (`--conns`) (bench.py's asyncio generator) for
-     `load_seconds`. req/s is 200s ÷ the load's duration; p50/p99 are over every response of
-     both ports together. The end-to-end rate is the acknowledged requests whose two lines
-     are both in log.txt (bench.py's line counting, over every data directory) ÷ the time from
-     the first request to the last line written (the latest mtime of the log.txt files, read
-     once every task has finished). The registry's own commit timings (its /metrics commit
-     and batch-size histograms, taken before and after the load) say where its time goes.
+  1. throughput: a warm-up, then 50 closed-loop connections (`--conns`; bench.py's asyncio
+     generator) for `load_seconds`. req/s is 200s ÷ the load's duration; p50/p99 are over
+     every response of every port together. The end-to-end rate is the acknowledged requests
+     whose two lines are both in log.txt (bench.py's line counting, over every data
+     directory) ÷ the time from the first request to the last line written (the latest mtime
+     of the log.txt files, read once every task has finished). Where the time went: the
+     registry's own commit timings (its /metrics commit and batch-size histograms, before and
+     after the load) and CPU µs per request of the servers, of their PostgreSQL backends, of
+     the load generator and of everything else on the machine (other users of the cores).
   2. kill -9: the same load with a task delay of KILL_DELAY_S, so that many tasks are queued,
      asleep or claimed when process 1 gets SIGKILL at KILL_AT of the load. The load goes on
      against the survivor, if any; then process 1 is started again on its data directory (its
@@ -71,7 +73,7 @@ class Profile:
 
 
 FULL = Profile(warm_up_s=1, load_seconds=10, kill_seconds=6)
-QUICK = Profile(warm_up_s=0.5, load_seconds=2, kill_seconds=2)
+QUICK = Profile(warm_up_s=0.5, load_seconds=1.5, kill_seconds=1.5)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,7 @@ def main(args: argparse.Namespace, command: str) -> int:
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "mode": "quick" if args.quick else "full",
+        "database": url.rsplit("/", 1)[1],  # dropped by now
         "rounds": rounds,
         "machine": host,
         "load_average_1min_at_end": os.getloadavg()[0],
