@@ -7,6 +7,8 @@ import contextlib
 import ipaddress
 import secrets
 import signal
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,3 +79,39 @@ def backends(url: str) -> list[int]:
             " AND pid <> pg_backend_pid()"
         ).fetchall()
     return [int(row[0]) for row in rows]
+
+
+@contextlib.contextmanager
+def commit_session_states(url: str, every_s: float = 0.02) -> Iterator[Counter[str]]:
+    """While the block runs, sample what the registry's commit sessions are doing every
+    `every_s` (from pg_stat_activity, on a connection of its own in a thread): `idle` between
+    transactions, `waits for the client` inside one (a pipeline not yet sent whole, or
+    waiting on the client's reading an answer), `works` (no wait event), or the wait event.
+    The counter holds how many samples of each."""
+    import psycopg
+
+    states: Counter[str] = Counter()
+    stop = threading.Event()
+    query = (
+        "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE 'bgtasks % commits'"
+    )
+
+    def sample() -> None:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            while not stop.wait(every_s):
+                for state, kind, event in conn.execute(query).fetchall():
+                    if state != "active":
+                        states[str(state)] += 1
+                    elif event == "ClientRead":
+                        states["waits for the client"] += 1
+                    else:
+                        states[f"{kind}:{event}" if event else "works"] += 1
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield states
+    finally:
+        stop.set()
+        sampler.join()

@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,6 +60,15 @@ CONNS = 50
 KILL_DELAY_S = 0.5
 KILL_AT = 0.5
 SETTLE_BOUND_S = 60.0
+# What the commit sessions were seen doing (bench_db.commit_session_states); all zero on SQLite.
+SESSION_STATES = (
+    "idle",
+    "waits for the client",
+    "works",
+    "IO:WALSync",
+    "IO:WALWrite",
+    "LWLock:WALWrite",
+)
 GOALS = {"pg1_vs_sqlite": 0.6, "pg2_vs_pg1": 1.3}
 
 
@@ -146,6 +156,11 @@ async def split_load(
     )
 
 
+@contextlib.contextmanager
+def nothing() -> Iterator[Counter[str]]:
+    yield Counter()
+
+
 def settle(srvs: list[bench.Server]) -> None:
     """Wait (bounded) until no server has a queued or running task."""
     deadline = time.monotonic() + SETTLE_BOUND_S
@@ -175,7 +190,9 @@ def throughput(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, f
         settle(srvs)
         ports, pids = [srv.port for srv in srvs], [srv.proc.pid for srv in srvs]
         before = usage.commit_tallies(ports)
-        with usage.cpu_shares(pids, bench_db.backends(url) if setup.postgres else []) as cpu:
+        pg = bench_db.backends(url) if setup.postgres else []
+        sampled = bench_db.commit_session_states(url) if setup.postgres else nothing()
+        with usage.cpu_shares(pids, pg) as cpu, sampled as states:
             first_request = time.time()
             load = bench.run_async(split_load(srvs, "T", p.load_seconds, p.conns))
         settle(srvs)
@@ -202,6 +219,7 @@ def throughput(setup: Setup, p: Profile, workdir: Path, url: str) -> dict[str, f
         / (load.seconds * setup.processes),
         "batch_mean": delta.get("bgtasks_registry_batch_size_sum", 0.0) / per,
         **{f"cpu_us_per_request_{key}": value / load.ok * 1e6 for key, value in cpu.items()},
+        **{f"commit_session_{key}": states[key] / max(1, states.total()) for key in SESSION_STATES},
     }
 
 
@@ -272,6 +290,17 @@ def print_report(report: dict[str, Any], judged: bool) -> None:
         )
     console = Console(width=140)
     console.print(table)
+    for setup in SETUPS:
+        t = res[setup.key]["throughput"]
+        cpu = ", ".join(
+            f"{part} {t[f'cpu_us_per_request_{part}']:,.0f}"
+            for part in ("server", "postgres", "generator", "other", "idle")
+        )
+        line = f"{setup.label}: CPU µs per request: {cpu}"
+        if setup.postgres:
+            seen = ", ".join(f"{s} {t[f'commit_session_{s}']:.0%}" for s in SESSION_STATES)
+            line += f"; commit sessions seen: {seen}"
+        console.print(line)
     for key, value in report["ratios"].items():
         met = value >= GOALS[key]
         verdict = ("pass" if met else "FAIL") if judged else "not judged"
