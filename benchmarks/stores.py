@@ -2,7 +2,7 @@
 
 Run from the repository root (PostgreSQL on 127.0.0.1:5432, trust auth for user postgres):
 
-    python benchmarks/bench.py --store postgres           # 2 rounds, about 3 minutes on 2 cores
+    python benchmarks/bench.py --store postgres           # 2 rounds, about 2.5 minutes on 2 cores
     python benchmarks/bench.py --store postgres --quick   # 1 small round, under 60 s
 
 Three configurations, each served as bench.py serves bgtasks (`same_shape_app.py`: the factory
@@ -23,7 +23,8 @@ two ports. For each one, two phases, each on fresh servers (and a fresh registry
   2. kill -9: the same load with a task delay of KILL_DELAY_S, so that many tasks are queued,
      asleep or claimed when process 1 gets SIGKILL at KILL_AT of the load. The load goes on
      against the survivor, if any; then process 1 is started again on its data directory (its
-     claimed lines resolve there, and on PostgreSQL the survivor adopts the rest), and once
+     claimed lines resolve there; the survivor, or with one process the restarted one, adopts
+     the rest), and once
      every task has finished the acknowledged requests are counted against the lines of every
      log.txt: lost, duplicated and malformed lines.
 
