@@ -24,9 +24,8 @@ two ports. For each one, two phases, each on fresh servers (and a fresh registry
      asleep or claimed when process 1 gets SIGKILL at KILL_AT of the load. The load goes on
      against the survivor, if any; then process 1 is started again on its data directory (its
      claimed lines resolve there; the survivor, or with one process the restarted one, adopts
-     the rest), and once
-     every task has finished the acknowledged requests are counted against the lines of every
-     log.txt: lost, duplicated and malformed lines.
+     the rest), and once every task has finished the acknowledged requests are counted
+     against the lines of every log.txt: lost, duplicated and malformed lines.
 
 Configurations take turns in each round (reversed in the next), so a slow spell of a shared
 machine does not land on one only; ratios are taken within a round, figures are medians over
