@@ -64,11 +64,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -91,6 +91,7 @@ MAX_RATE = 15_000
 # with 1 s of work per task the server has more to do per second, so its responses queue
 # behind each other. At 600/s, 1,200 tasks sleep at once (each request's first or second),
 # with 600 more queued behind them. Closed-loop figures (wrk) are reported as information.
+T = TypeVar("T")
 PACED_RATE = 600.0
 WARM_UP_S = 1
 STOP_BOUND_S = 30.0
@@ -200,15 +201,25 @@ def unfinished_tasks(port: int) -> float:
 
 
 @contextlib.contextmanager
-def serve(app: str, workdir: Path, delay: float = 0.0) -> Iterator[Server]:
-    """Start one uvicorn server on a fresh data dir; stop it (SIGTERM, then SIGKILL) on exit."""
-    data_dir = Path(tempfile.mkdtemp(prefix=f"{app}-", dir=workdir))
+def serve(
+    app: str,
+    workdir: Path,
+    delay: float = 0.0,
+    *,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """Start one uvicorn server on a fresh data dir (or on `data_dir` again, with `env` added
+    to its environment); stop it (SIGTERM, then SIGKILL) on exit."""
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix=f"{app}-", dir=workdir))
     errors = data_dir.with_suffix(".stderr")
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", *APPS[app], "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--no-access-log", "--log-level", "warning", *FAST_IO]
-    env = {**os.environ, "BGTASKS_DATA_DIR": str(data_dir), "BGTASKS_DELAY": str(delay)}
-    with errors.open("wb") as err:
+    env = {**os.environ, **(env or {})}
+    env |= {"BGTASKS_DATA_DIR": str(data_dir), "BGTASKS_DELAY": str(delay)}
+    with errors.open("ab") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=err)
     try:
@@ -253,16 +264,21 @@ def run_load(
     if cfg.generator == "wrk" and not rate:
         load = wrk_load(cfg, srv.port, route, tag, conns, seconds)
     else:
-        loop_factory = None
-        if HAS_UVLOOP:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            load = runner.run(asyncio_load(srv.port, route, tag, conns, seconds, rate))
+        load = run_async(asyncio_load(srv.port, route, tag, conns, seconds, rate))
     if not load.ok:
         raise RuntimeError(f"no request to {route} got a 200 ({load.failed} failed)")
     return load
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to its end on a new event loop, uvloop's when installed."""
+    loop_factory = None
+    if HAS_UVLOOP:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main)
 
 
 def wrk_load(cfg: Config, port: int, route: str, tag: str, conns: int, seconds: int) -> Load:
@@ -289,18 +305,25 @@ _REQUEST = (
 
 
 async def asyncio_load(
-    port: int, route: str, tag: str, conns: int, seconds: int, rate: float = 0
+    port: int,
+    route: str,
+    tag: str,
+    conns: int,
+    seconds: float,
+    rate: float = 0,
+    latencies: list[float] | None = None,
 ) -> Load:
     """A small HTTP/1.1 keep-alive load generator: `conns` closed loops, until the deadline
     or until seconds * MAX_RATE requests were taken.
 
     With `rate`, request n is due at start + n / rate instead, on the next free connection,
     and its latency counts from when it was due: a server that falls behind is charged for
-    the requests it kept waiting (no coordinated omission)."""
+    the requests it kept waiting (no coordinated omission). Each latency (s) is also appended
+    to `latencies` when given, so that loads run side by side can be summed up as one."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     numbers = itertools.count(1)
-    latencies: list[float] = []
+    latencies = [] if latencies is None else latencies
     acked: list[str] = []
     failed = 0
     route_b = route.encode()
@@ -367,19 +390,30 @@ def percentile(ordered: list[float], pct: float) -> float:
 _WELL_FORMED = re.compile(rb"found query: [\w.-]+|message to u[\w.-]+@example\.com")
 
 
-def check_lines(log_path: Path, acked: list[str]) -> dict[str, float]:
-    """Count lost lines (of 200-acknowledged requests), duplicated and malformed lines."""
-    data = log_path.read_bytes() if log_path.exists() else b""
-    *lines, unterminated = data.split(b"\n")
-    counts = Counter(lines)
-    malformed = bool(unterminated) + sum(
+def expected_lines(rid: str) -> tuple[bytes, bytes]:
+    """The two lines (without their newline) a request tagged `rid` makes its tasks write."""
+    return f"found query: {rid}".encode(), f"message to u{rid}@example.com".encode()
+
+
+def count_lines(*log_paths: Path) -> tuple[Counter[bytes], int]:
+    """How often each line occurs across the files, and how many lines are malformed (an
+    unterminated last line counts as one)."""
+    counts: Counter[bytes] = Counter()
+    unterminated = 0
+    for path in log_paths:
+        *lines, rest = (path.read_bytes() if path.exists() else b"").split(b"\n")
+        counts.update(lines)
+        unterminated += bool(rest)
+    malformed = unterminated + sum(
         n for line, n in counts.items() if not _WELL_FORMED.fullmatch(line)
     )
-    expected = [
-        line
-        for rid in acked
-        for line in (f"found query: {rid}".encode(), f"message to u{rid}@example.com".encode())
-    ]
+    return counts, malformed
+
+
+def check_lines(log_path: Path, acked: list[str]) -> dict[str, float]:
+    """Count lost lines (of 200-acknowledged requests), duplicated and malformed lines."""
+    counts, malformed = count_lines(log_path)
+    expected = [line for rid in acked for line in expected_lines(rid)]
     return {
         "acked": len(acked),
         "lost": sum(counts[line] == 0 for line in expected),
@@ -788,17 +822,37 @@ def main(argv: list[str] | None = None) -> int:
     """Run every measure, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="small counts, under 60 s")
-    parser.add_argument("--repeats", type=int, help="default 3, or 1 with --quick")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    parser.add_argument("--repeats", type=int, help="default 3 (2 with --store), or 1 with --quick")
+    parser.add_argument(
+        "--out", type=Path, help="default results/latest.json (results/stores.json with --store)"
+    )
     parser.add_argument("--generator", choices=("auto", "wrk", "asyncio"), default="auto")
+    parser.add_argument(
+        "--store",
+        choices=("postgres",),
+        help="instead, the PostgreSQL store against the SQLite one (benchmarks/stores.py)",
+    )
+    parser.add_argument(
+        "--conns", type=int, default=50, help="with --store: the load's connections (default 50)"
+    )
+    parser.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="with --store postgres: a loopback server, where a database of its own is made",
+    )
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/bench.py", *(argv or sys.argv[1:])])
+    if args.store:
+        import stores
+
+        return stores.main(args, command)
+    args.out = args.out or HERE / "results" / "latest.json"
     repeats = args.repeats or (1 if args.quick else 3)
     generator = args.generator
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "asyncio"
     bgtasks = find_tool("bgtasks")
     host = machine(generator)
-    command = shlex.join(["python", "benchmarks/bench.py", *(argv or sys.argv[1:])])
     with tempfile.TemporaryDirectory(prefix="bgtasks-bench-") as tmp:
         cfg = Config(QUICK if args.quick else FULL, generator, Path(tmp))
         runs = []

@@ -78,3 +78,39 @@ def test_the_instruction_counter_s_in_process_driver_serves_every_request() -> N
         "notify: 50 of 50 requests got a 200",
         "plain: 50 of 50 requests got a 200",
     ]
+
+
+def test_quick_store_comparison_reports_every_configuration(tmp_path: Path) -> None:
+    """`bench.py --store postgres --quick`: SQLite with one process and PostgreSQL with one and
+    two, each with its rates, latencies and commit figures; after a kill -9 mid-load no
+    acknowledged line is lost or written twice; the run's database is gone at the end."""
+    from tests.postgres import SERVER, _admin
+
+    admin = _admin()  # skips without a server (fails under CI)
+    out = tmp_path / "stores.json"
+    argv = [sys.executable, "benchmarks/bench.py", "--store", "postgres", "--quick"]
+    done = subprocess.run(
+        [*argv, "--out", str(out), "--pg-url", SERVER],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+
+    assert set(report["results"]) == {"sqlite_1", "pg_1", "pg_2"}
+    for key, phases in report["results"].items():
+        for phase, numbers in phases.items():
+            for name, value in numbers.items():
+                assert _is_number(value), f"{key}.{phase}.{name} = {value!r}"
+        assert phases["throughput"]["e2e_rps"] > 0, key
+        kill = phases["kill"]
+        assert kill["acked"] > 0, key
+        assert (kill["lost"], kill["duplicated"], kill["malformed"]) == (0, 0, 0), key
+    assert all(_is_number(value) for value in report["ratios"].values())
+    with admin:  # type: ignore[attr-defined]
+        found = admin.execute(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM pg_database WHERE datname = %s", (report["database"],)
+        ).fetchone()
+    assert found == (0,)
