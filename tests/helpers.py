@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -23,6 +23,8 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.config import Settings
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -139,8 +141,9 @@ def spawn_server(
     return ServerProcess(proc, url, data_dir, log_path)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, step: float = 0.02) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail the test
+    after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()

@@ -19,7 +19,7 @@ from typing import IO, Any
 import pytest
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_SERVE, EXIT_UNREACHABLE, EXIT_USAGE
-from tests.helpers import ServerProcess, free_port, wait_until
+from tests.helpers import LiveServer, ServerProcess, free_port, wait_until
 
 WAIT = 15.0
 RUN_TIMEOUT = 60.0
@@ -204,7 +204,7 @@ def test_commands_do_not_import_the_server_stack(args: list[str], tmp_path: Path
 
 
 def test_notify_against_a_live_server_does_not_import_them(
-    start_server: Callable[..., Any],
+    start_server: Callable[..., LiveServer],
 ) -> None:
     live = start_server()
     args = ["notify", "a@example.com", "--q", "hi", "--url", live.url]
@@ -347,11 +347,11 @@ def test_tail_follows_appends_truncation_and_recreation(
     proc = cli_popen("tail", "--json", "-n", "0", "--data-dir", str(data))
     popen_cleanup.append(proc)
     assert proc.stdout is not None and proc.stderr is not None
-    out = Lines(proc.stdout)
+    out, stderr = Lines(proc.stdout), proc.stderr
 
     # Ready once it holds log.txt open (backlog read) and an inotify watch (following).
     def watching() -> bool:
-        assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+        assert proc.poll() is None, stderr.read()
         files = open_files(proc.pid)
         return str(log) in files and "anon_inode:inotify" in files
 

@@ -11,6 +11,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,6 @@ import pytest
 
 from server.paths import owners_dir, registry_path
 from server.records import RequestRecord, TaskRecord
-from server.registry import files as files_module
 from server.registry.batch import NOTE_WINDOW_S
 from server.registry.sqlite.prune import oldest_open_claim, prune
 from server.status import TaskStatus
@@ -71,9 +71,9 @@ def test_rule_2_a_line_is_written_only_under_a_committed_claim(
         await registry.open()
         request = one_line_request("r1", LINE)
         await registry.commit_intents(request)
-        monkeypatch.setattr(files_module.os, "write", write_and_look)
+        monkeypatch.setattr("server.registry.files.os.write", write_and_look)
         await append(registry, request.tasks[0])
-        monkeypatch.setattr(files_module.os, "write", real_write)
+        monkeypatch.setattr("server.registry.files.os.write", real_write)
         await registry.close()
 
     asyncio.run(run())
@@ -139,11 +139,11 @@ def test_rule_4_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one
     async def run() -> None:
         await registry.open()
         await registry.commit_intents(request)
-        monkeypatch.setattr(files_module.os, "write", disk_fills_up)
+        monkeypatch.setattr("server.registry.files.os.write", disk_fills_up)
         for task in request.tasks[:3]:
             registry.submit(task, ends.append)
         await registry.flush()
-        monkeypatch.setattr(files_module.os, "write", real_write)
+        monkeypatch.setattr("server.registry.files.os.write", real_write)
         await append(registry, request.tasks[3])
         await registry.close()
 
@@ -428,7 +428,7 @@ def test_a_line_whose_file_is_not_a_regular_file_fails_and_nothing_blocks(
             await registry.commit_intents(request)
         for request in [*requests, readme]:
             task = request.tasks[0]
-            registry.submit(task, lambda error, task_id=task.id: ends.__setitem__(task_id, error))
+            registry.submit(task, partial(ends.__setitem__, task.id))
         await registry.flush()
         await registry.close()
 

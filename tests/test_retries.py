@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def test_tasks_retrying_at_a_kill_resume_their_attempts_after_the_restart(
     shutil.rmtree(data / "log.txt")  # healed while nothing runs
     again = server_process(data_dir=data, env=env)
     for request_id in ids:
-        body = wait_until(lambda request_id=request_id: ended(again, request_id), timeout=20)
+        body = wait_until(partial(ended, again, request_id), timeout=20)
         assert [t["status"] for t in body["tasks"]] == ["recovered", "recovered"]
         assert body["tasks"][0]["attempts"] >= 3  # it went on counting
     lines = (data / "log.txt").read_bytes().splitlines(keepends=True)

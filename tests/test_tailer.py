@@ -68,8 +68,8 @@ class Follower:
 def follow(tmp_path: Path) -> Iterator[Callable[..., Follower]]:
     followers: list[Follower] = []
 
-    def start(files: tuple[str, ...] = FILE_CHOICES["all"], **kwargs: object) -> Follower:
-        tailer = Tailer(tmp_path, files, **kwargs)  # type: ignore[arg-type]
+    def start(files: tuple[str, ...] = FILE_CHOICES["all"], *, events: bool = False) -> Follower:
+        tailer = Tailer(tmp_path, files, events=events)
         tailer.initial()
         followers.append(Follower(tailer))
         return followers[-1]
