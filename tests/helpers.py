@@ -3,6 +3,7 @@ for background tasks, so it cannot show that a response came first), and polling
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -139,6 +140,16 @@ def spawn_server(
             raise RuntimeError(f"server did not start: {log_path.read_text()}")
         time.sleep(0.05)
     return ServerProcess(proc, url, data_dir, log_path)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the event loop run until `predicate` holds; fail the test after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.001)
 
 
 def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, step: float = 0.02) -> T:

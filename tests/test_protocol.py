@@ -170,7 +170,7 @@ def test_rule_5_a_claim_ends_in_the_commit_of_its_tasks_ends(tmp_path: Path) -> 
         await append(registry, request.tasks[0])  # claimed and written; `done` rides a later commit
         floors.append(oldest_open_claim(reader))
         assert status_of(reader, "r1-t") == "queued"
-        await asyncio.sleep(NOTE_WINDOW_S * 3)
+        await asyncio.wait_for(registry.committed.wait(), NOTE_WINDOW_S * 20)  # the next commit
         floors.append(oldest_open_claim(reader))
         await registry.close()
 

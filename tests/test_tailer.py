@@ -68,7 +68,9 @@ class Follower:
 def follow(tmp_path: Path) -> Iterator[Callable[..., Follower]]:
     followers: list[Follower] = []
 
-    def start(files: tuple[str, ...] = FILE_CHOICES["all"], *, events: bool = False) -> Follower:
+    def start(
+        files: tuple[str, ...] = FILE_CHOICES["all"], *, events: EventStream | None = None
+    ) -> Follower:
         tailer = Tailer(tmp_path, files, events=events)
         tailer.initial()
         followers.append(Follower(tailer))
