@@ -4,6 +4,7 @@ for background tasks, so it cannot show that a response came first), and polling
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -51,7 +52,13 @@ def serve_app(app: Any, data_dir: Path) -> Iterator[LiveServer]:
     """Run `app` (an ASGI app; `.app` of the result) under uvicorn in a thread, on a free
     loopback port."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+
+    def run() -> None:
+        # uvicorn exits (SystemExit) when the app cannot start: the thread ends, seen below.
+        with contextlib.suppress(SystemExit):
+            server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.started:
