@@ -7,7 +7,7 @@ middleware. Like the reference's `/plain/{email}`, it takes q directly rather th
 dependency: the seed's dependency exists to queue a task, so it counts as background work.
 """
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import FastAPI, Path, Query
 from pydantic import BaseModel
@@ -24,7 +24,7 @@ class Message(BaseModel):
 @app.post("/send-notification/{email}", response_model=Message)
 async def send_notification(
     email: Annotated[Email, Path()], q: Annotated[Text | None, Query()] = None
-) -> Any:
+) -> dict[str, str]:
     """Validate like bgtasks' endpoint, queue nothing, answer with the same body."""
     return {"message": "Message sent"}
 

@@ -560,9 +560,12 @@ def follow_latency(argv: list[str], log_path: Path, lines: int, as_json: bool) -
     stdout = proc.stdout
     assert stdout is not None
     arrivals: queue.Queue[tuple[float, str]] = queue.Queue()
-    threading.Thread(
-        target=lambda: [arrivals.put((time.time(), line)) for line in stdout], daemon=True
-    ).start()
+
+    def read_lines() -> None:
+        for line in stdout:
+            arrivals.put((time.time(), line))
+
+    threading.Thread(target=read_lines, daemon=True).start()
     seen: dict[int, tuple[float, float]] = {}  # probe number -> (arrival, follower's time)
 
     def collect(wait: float) -> bool:
@@ -674,7 +677,8 @@ def find_tool(name: str) -> str | None:
 def measure_cli(cfg: Config, bgtasks: str | None) -> dict[str, Any]:
     """Measure 5: `bgtasks notify --no-wait` and `bgtasks --help` against HTTPie's POST."""
     runs, httpie = cfg.profile.cli_runs, find_tool("http")
-    notify = help_ = "unavailable: bgtasks is not installed"
+    notify: float | str = "unavailable: bgtasks is not installed"
+    help_: float | str = notify
     http: float | str = "skipped: HTTPie (`http`) is not installed"
     with serve("bgtasks", cfg.workdir) as srv:
         commands: dict[str, list[str]] = {}
@@ -691,8 +695,10 @@ def measure_cli(cfg: Config, bgtasks: str | None) -> dict[str, Any]:
     http = timed.get("http", http)
     result: dict[str, Any] = {"bgtasks_notify_s": notify, "bgtasks_help_s": help_, "httpie_s": http}
     for key, value in (("notify_vs_httpie", notify), ("help_vs_httpie", help_)):
-        both = isinstance(value, float) and isinstance(http, float)
-        result[key] = value / http if both else "unavailable"  # type: ignore[operator]
+        if isinstance(value, float) and isinstance(http, float):
+            result[key] = value / http
+        else:
+            result[key] = "unavailable"
     return result
 
 

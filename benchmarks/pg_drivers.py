@@ -1,8 +1,8 @@
 """Measure psycopg 3 (async, pipeline mode) against asyncpg on the registry's group commit (#15).
 
-Run from the repository root, with both drivers in the venv (they are not project dependencies):
+Run from the repository root, with both drivers in the venv (the `bench` extra; `dev` has it):
 
-    .venv/bin/pip install 'psycopg[binary]' asyncpg asyncpg-stubs  # the stubs: for mypy only
+    .venv/bin/pip install -e '.[bench]'  # psycopg, asyncpg, and asyncpg-stubs for mypy
     .venv/bin/python benchmarks/pg_drivers.py            # full run: 5 repeats, about 10 minutes
     .venv/bin/python benchmarks/pg_drivers.py --quick    # small counts, about a minute
 

@@ -48,20 +48,15 @@ def store(request: pytest.FixtureRequest) -> Iterator[str | None]:
 @pytest.fixture
 def start_server(tmp_path: Path, store: str | None) -> Iterator[Callable[..., LiveServer]]:
     """Start in-thread servers with the given settings; all are stopped after the test."""
-    stack: list[Any] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(**overrides: Any) -> LiveServer:
-        overrides.setdefault("data_dir", tmp_path / "data")
-        overrides.setdefault("delay", 0.0)
-        overrides.setdefault("database_url", store)
-        cm = serve_in_thread(Settings(**overrides))
-        live = cm.__enter__()
-        stack.append(cm)
-        return live
+        def start(**overrides: Any) -> LiveServer:
+            overrides.setdefault("data_dir", tmp_path / "data")
+            overrides.setdefault("delay", 0.0)
+            overrides.setdefault("database_url", store)
+            return stack.enter_context(serve_in_thread(Settings(**overrides)))
 
-    yield start
-    for cm in reversed(stack):
-        cm.__exit__(None, None, None)
+        yield start
 
 
 @pytest.fixture

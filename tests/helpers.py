@@ -3,6 +3,8 @@ for background tasks, so it cannot show that a response came first), and polling
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -23,6 +25,8 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.config import Settings
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,7 +52,13 @@ def serve_app(app: Any, data_dir: Path) -> Iterator[LiveServer]:
     """Run `app` (an ASGI app; `.app` of the result) under uvicorn in a thread, on a free
     loopback port."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+
+    def run() -> None:
+        # uvicorn exits (SystemExit) when the app cannot start: the thread ends, seen below.
+        with contextlib.suppress(SystemExit):
+            server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.started:
@@ -139,8 +149,19 @@ def spawn_server(
     return ServerProcess(proc, url, data_dir, log_path)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the event loop run until `predicate` holds; fail the test after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.001)
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, step: float = 0.02) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail the test
+    after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()

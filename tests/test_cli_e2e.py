@@ -12,14 +12,15 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import pytest
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_SERVE, EXIT_UNREACHABLE, EXIT_USAGE
-from tests.helpers import ServerProcess, free_port, wait_until
+from tests.helpers import LiveServer, ServerProcess, free_port, wait_until
 
 WAIT = 15.0
 RUN_TIMEOUT = 60.0
@@ -65,17 +66,23 @@ def assert_one_error_line(stderr: str) -> str:
 
 
 class Lines:
-    """Reads a stream's lines in a thread so the test can wait for them with a bound."""
+    """Reads a stream's lines in a thread so the test can wait for them with a bound; closes
+    the stream at its end (nothing else may read or close it meanwhile)."""
+
+    reading: ClassVar[weakref.WeakSet[IO[str]]] = weakref.WeakSet()
+    """The streams some Lines reads (and will close): popen_cleanup closes the others."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        Lines.reading.add(stream)
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
     def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._queue.put(line)
+        with stream:
+            for line in stream:
+                self._queue.put(line)
         self._queue.put(None)
 
     def until(self, match: Callable[[str], bool], timeout: float = WAIT) -> str:
@@ -104,13 +111,17 @@ class Lines:
 
 @pytest.fixture
 def popen_cleanup() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes started by a test; any still running afterwards are killed."""
+    """Processes started by a test; any still running afterwards are killed, and their pipes
+    that no Lines reads are closed."""
     procs: list[subprocess.Popen[str]] = []
     yield procs
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None and pipe not in Lines.reading:
+                pipe.close()
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -204,7 +215,7 @@ def test_commands_do_not_import_the_server_stack(args: list[str], tmp_path: Path
 
 
 def test_notify_against_a_live_server_does_not_import_them(
-    start_server: Callable[..., Any],
+    start_server: Callable[..., LiveServer],
 ) -> None:
     live = start_server()
     args = ["notify", "a@example.com", "--q", "hi", "--url", live.url]
@@ -347,11 +358,11 @@ def test_tail_follows_appends_truncation_and_recreation(
     proc = cli_popen("tail", "--json", "-n", "0", "--data-dir", str(data))
     popen_cleanup.append(proc)
     assert proc.stdout is not None and proc.stderr is not None
-    out = Lines(proc.stdout)
+    out, stderr = Lines(proc.stdout), proc.stderr
 
     # Ready once it holds log.txt open (backlog read) and an inotify watch (following).
     def watching() -> bool:
-        assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+        assert proc.poll() is None, stderr.read()
         files = open_files(proc.pid)
         return str(log) in files and "anon_inode:inotify" in files
 

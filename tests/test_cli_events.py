@@ -183,7 +183,8 @@ def test_tail_events_with_the_server_down_follows_the_files(tmp_path: Path) -> N
         # Until the follower runs, a line written now could count as backlog: write until
         # one shows.
         while not tail.lines and time.monotonic() < deadline:
-            (data / "log.txt").open("a").write("hello\n")
+            with (data / "log.txt").open("a") as log:
+                log.write("hello\n")
             time.sleep(0.2)
         assert tail.lines and tail.lines[0]["text"] == "hello"
         assert tail.lines[0]["source"] == "log.txt"

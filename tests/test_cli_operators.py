@@ -210,7 +210,9 @@ def test_the_token_is_sent_when_set_and_never_shown(dead_letters: LiveServer) ->
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append((request.url.raw_path.decode(), request.headers.get("authorization")))
-        body: Any = [] if request.method == "GET" else {**dead, "status": "queued"}
+        body: list[object] | dict[str, Any] = (
+            [] if request.method == "GET" else {**dead, "status": "queued"}
+        )
         return httpx.Response(200, json=body, headers={"x-request-id": "r-1"})
 
     with Client("http://bgtasks.test", token=TOKEN, transport=httpx.MockTransport(handler)) as c:

@@ -32,7 +32,7 @@ REQUEST_ID = "18ed3dec9a1b2c3d4cddc3acb6faf602"
 
 
 @contextmanager
-def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
     """A plain HTTP server on a free loopback port, in a thread; its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -191,7 +191,7 @@ def test_an_ipv6_url_is_accepted() -> None:
 def test_python_http_server_is_not_bgtasks(args: tuple[str, ...], tmp_path: Path) -> None:
     (tmp_path / "index.html").write_text("<html><body>files</body></html>\n")
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    with http_server(handler) as url:  # type: ignore[arg-type]
+    with http_server(handler) as url:
         result = cli(*args, "--url", url)
     line = assert_wrong_server(result, url)
     assert ("501" if args[0] != "tasks" else "404") in line

@@ -210,6 +210,7 @@ def not_bgtasks() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+        server.server_close()
         thread.join(timeout=10)
 
 

@@ -50,11 +50,11 @@ def crash_demo_cli(scratch: Path, *args: str, columns: int = 200) -> subprocess.
 
 
 def run_to_the_end(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    with proc:  # its pipes closed, and waited for
+        try:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            proc.kill()
     return out, err
 
 
@@ -181,6 +181,7 @@ def test_ctrl_c_mid_demo_leaves_nothing_behind(scratch: Path, moment: str) -> No
     finally:
         proc.kill()
         proc.wait(timeout=10)
+        proc.stdout.close()  # stderr: Lines closes it at its end
     err = progress.rest()
     assert "Traceback" not in err
     assert err.rstrip().endswith(
@@ -199,8 +200,9 @@ class Lines:
         self._thread.start()
 
     def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line)
+        with stream:  # its reader closes it
+            for line in stream:
+                self._lines.put(line)
         self._lines.put(None)
 
     def until(self, text: str, timeout: float = 60.0) -> None:

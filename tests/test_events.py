@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -187,7 +188,7 @@ def test_nothing_is_recorded_while_no_stream_listens(
 
 
 def test_another_process_s_commits_reach_the_stream(
-    start_server: Callable[..., LiveServer], collect: Callable[..., Collector], tmp_path: Any
+    start_server: Callable[..., LiveServer], collect: Callable[..., Collector], tmp_path: Path
 ) -> None:
     """Two servers on one registry (SQLite: one data directory, as `--workers 2`; PostgreSQL:
     one database, each its own data directory): one's stream has the other's events."""

@@ -40,11 +40,11 @@ def demo(scratch: Path, *args: str, columns: int = 80) -> subprocess.Popen[str]:
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    with proc:  # its pipes closed, and waited for
+        try:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            proc.kill()
     return out, err
 
 

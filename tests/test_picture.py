@@ -503,7 +503,9 @@ def test_the_picture_of_each_case_at_each_width(name: str, width: int) -> None:
 
 def test_colour_only_helps() -> None:
     """With colour the characters are the same: the marks and bars carry the meaning."""
-    record, (sent, received), _ = CASES["delayed_notify"]
+    record, client, _ = CASES["delayed_notify"]
+    assert client is not None  # the case has the client's times
+    sent, received = client
     text = picture.draw(record, width=80, client_sent_at=at(sent), client_received_at=at(received))
     coloured = Console(width=80, force_terminal=True, color_system="truecolor", file=io.StringIO())
     with coloured.capture() as capture:
@@ -579,7 +581,9 @@ def test_a_request_not_recorded_yet() -> None:
 
 
 def test_draw_outcome_uses_the_client_s_times() -> None:
-    record, (sent, received), _ = CASES["delayed_notify"]
+    record, client, _ = CASES["delayed_notify"]
+    assert client is not None  # the case has the client's times
+    sent, received = client
     fired = Fired(
         method="POST",
         path=record["path"],

@@ -11,6 +11,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -18,9 +19,8 @@ import pytest
 
 from server.paths import owners_dir, registry_path
 from server.records import RequestRecord, TaskRecord
-from server.registry import files as files_module
-from server.registry import recovery as recovery_module
 from server.registry.batch import NOTE_WINDOW_S
+from server.registry.files import DataFiles
 from server.registry.sqlite.prune import oldest_open_claim, prune
 from server.status import TaskStatus
 from tests.helpers import LiveServer
@@ -72,9 +72,9 @@ def test_rule_2_a_line_is_written_only_under_a_committed_claim(
         await registry.open()
         request = one_line_request("r1", LINE)
         await registry.commit_intents(request)
-        monkeypatch.setattr(files_module.os, "write", write_and_look)
+        monkeypatch.setattr("server.registry.files.os.write", write_and_look)
         await append(registry, request.tasks[0])
-        monkeypatch.setattr(files_module.os, "write", real_write)
+        monkeypatch.setattr("server.registry.files.os.write", real_write)
         await registry.close()
 
     asyncio.run(run())
@@ -140,11 +140,11 @@ def test_rule_4_a_short_write_keeps_the_whole_lines_and_cuts_off_the_part_of_one
     async def run() -> None:
         await registry.open()
         await registry.commit_intents(request)
-        monkeypatch.setattr(files_module.os, "write", disk_fills_up)
+        monkeypatch.setattr("server.registry.files.os.write", disk_fills_up)
         for task in request.tasks[:3]:
             registry.submit(task, ends.append)
         await registry.flush()
-        monkeypatch.setattr(files_module.os, "write", real_write)
+        monkeypatch.setattr("server.registry.files.os.write", real_write)
         await append(registry, request.tasks[3])
         await registry.close()
 
@@ -171,7 +171,7 @@ def test_rule_5_a_claim_ends_in_the_commit_of_its_tasks_ends(tmp_path: Path) -> 
         await append(registry, request.tasks[0])  # claimed and written; `done` rides a later commit
         floors.append(oldest_open_claim(reader))
         assert status_of(reader, "r1-t") == "queued"
-        await asyncio.sleep(NOTE_WINDOW_S * 3)
+        await asyncio.wait_for(registry.committed.wait(), NOTE_WINDOW_S * 20)  # the next commit
         floors.append(oldest_open_claim(reader))
         await registry.close()
 
@@ -282,7 +282,7 @@ def test_rule_10_a_recovery_that_meets_a_full_disk_records_nothing_and_the_next_
     def full(fd: int, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(recovery_module.os, "write", full)
+    monkeypatch.setattr("server.registry.recovery.os.write", full)
     assert recover(tmp_path, owner="first") == []
     assert [status_of(conn, "t1"), status_of(conn, "t2")] == ["running", "running"]
     assert log.read_bytes() == b"one\n"
@@ -455,7 +455,7 @@ def test_a_line_whose_file_is_not_a_regular_file_fails_and_nothing_blocks(
             await registry.commit_intents(request)
         for request in [*requests, readme]:
             task = request.tasks[0]
-            registry.submit(task, lambda error, task_id=task.id: ends.__setitem__(task_id, error))
+            registry.submit(task, partial(ends.__setitem__, task.id))
         await registry.flush()
         await registry.close()
 
@@ -477,7 +477,7 @@ def test_rule_3_one_process_s_recovery_and_group_commit_take_turns_on_a_file(
     turn does, so two placements in one process never read the same size."""
 
     async def run() -> bool:
-        files = files_module.DataFiles(tmp_path)
+        files = DataFiles(tmp_path)
         await files.lock("log.txt")
         second = asyncio.create_task(files.lock("log.txt"))
         await asyncio.sleep(0.05)
@@ -499,7 +499,7 @@ def test_rule_3_a_file_another_process_holds_is_waited_for_without_stopping_the_
     fcntl.flock(other, fcntl.LOCK_EX)
 
     async def run() -> int:
-        files = files_module.DataFiles(tmp_path)
+        files = DataFiles(tmp_path)
         ticks = 0
 
         async def tick() -> None:

@@ -45,7 +45,9 @@ def paths_for(round_: int, count: int) -> list[str]:
     return [f"/send-notification/r{round_}n{i}@example.com?q=r{round_}q{i}" for i in range(count)]
 
 
-def assert_exactly_once(log: bytes, acked: set[tuple[int, int]], fired: set[tuple[int, int]]):
+def assert_exactly_once(
+    log: bytes, acked: set[tuple[int, int]], fired: set[tuple[int, int]]
+) -> None:
     """Every acknowledged request's two lines are there once; nothing is malformed, doubled
     or foreign; requests that got no answer left at most their own lines."""
     counts: Counter[bytes] = Counter()

@@ -11,6 +11,7 @@ from server.registry.store import Failure
 from server.retries import RetryPolicy
 from server.runner import TaskRunner
 from server.status import TaskStatus
+from tests.helpers import eventually
 
 
 class HeldRegistry:
@@ -71,17 +72,17 @@ def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
         runner = TaskRunner(cast(Registry, registry), delay=0, max_running=2, retries=ONE_ATTEMPT)
         first, second = accepted_request(runner, "a"), accepted_request(runner, "b")
         starts = [asyncio.create_task(runner.start(r)) for r in (first, second)]
-        await asyncio.sleep(0.01)
+        await eventually(lambda: len(registry.submitted) >= 2)
         assert [t.line for t, _ in registry.submitted] == [
             "found query: a\n",
             "message to a@example.com\n",
         ]  # two slots: the second request waits
         registry.submitted[0][1](None)
         registry.submitted[0][1](None)  # a second report of the same line changes nothing
-        await asyncio.sleep(0.01)
+        await eventually(lambda: len(registry.submitted) >= 3)
         assert len(registry.submitted) == 3  # one slot came back, one line more
         registry.submitted[1][1](OSError("disk full"))
-        await asyncio.sleep(0.01)
+        await eventually(lambda: len(registry.submitted) >= 4)
         assert [t.line for t, _ in registry.submitted][2:] == [
             "found query: b\n",
             "message to b@example.com\n",
@@ -91,7 +92,7 @@ def test_no_delay_lines_keep_their_order_and_the_cap_holds() -> None:
         await asyncio.gather(*starts)
 
         drain = asyncio.create_task(runner.drain(timeout=5))
-        await asyncio.sleep(0.01)
+        await eventually(lambda: registry.flushes >= 1)
         assert not drain.done() and registry.flushes == 1  # waits for the submitted lines
         for task, ended in registry.submitted[2:]:
             task.status = TaskStatus.DONE
@@ -127,18 +128,20 @@ def test_with_a_delay_a_request_s_tasks_run_in_turn_and_sleeping_tasks_hold_thei
         assert registry.noted == [
             (a.tasks[0].id, TaskStatus.RUNNING)
         ]  # asleep, and the registry knows
-        await asyncio.sleep(0.1)
-        assert registry.lines() == ["found query: a\n"]  # the one slot is a's until it ends
+        await eventually(lambda: len(registry.lines()) >= 1)  # after a's delay
+        assert registry.lines() == ["found query: a\n"]
+        queued = [TaskStatus.QUEUED, TaskStatus.QUEUED]
+        assert [t.status for t in b.tasks] == queued  # the one slot is a's until it ends
         registry.submitted[0][1](None)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: len(registry.lines()) >= 2)
         # b was waiting for the slot before a's next task was: it goes first
         assert registry.lines()[1:] == ["found query: b\n"]
         registry.submitted[1][1](OSError("disk full"))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: len(registry.lines()) >= 3)
         assert b.tasks[0].status == TaskStatus.FAILED
         assert registry.lines()[2:] == ["message to a@example.com\n"]
         registry.submitted[2][1](None)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: len(registry.lines()) >= 4)
         assert registry.lines()[3:] == ["message to b@example.com\n"]  # a failure ends no chain
         registry.submitted[3][1](None)
         await asyncio.wait_for(runner.drain(timeout=5), 1)

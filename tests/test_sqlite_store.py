@@ -33,8 +33,7 @@ def test_retention_bounds_the_registry(tmp_path: Path, retention: int) -> None:
             await registry.commit_intents(request)
             await append(registry, request.tasks[0])
             registry.note_request(request)
-        await asyncio.sleep(0.05)
-        await registry.close()
+        await registry.close()  # commits the last notes
 
     asyncio.run(fill())
     conn = make_db(tmp_path)

@@ -68,8 +68,10 @@ class Follower:
 def follow(tmp_path: Path) -> Iterator[Callable[..., Follower]]:
     followers: list[Follower] = []
 
-    def start(files: tuple[str, ...] = FILE_CHOICES["all"], **kwargs: object) -> Follower:
-        tailer = Tailer(tmp_path, files, **kwargs)  # type: ignore[arg-type]
+    def start(
+        files: tuple[str, ...] = FILE_CHOICES["all"], *, events: EventStream | None = None
+    ) -> Follower:
+        tailer = Tailer(tmp_path, files, events=events)
         tailer.initial()
         followers.append(Follower(tailer))
         return followers[-1]
