@@ -21,10 +21,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from bgtasks_cli.client import Client
-from bgtasks_cli.demo_server import free_port
+from bgtasks_cli.demo_server import free_port, interrupts_deferred
 from bgtasks_cli.errors import BgtasksError, InvalidInput, ServeError, ServerUnreachable
 from server.status import ENDED, TaskStatus
 
@@ -78,25 +77,6 @@ class CrashReport:
         return self.bgtasks.lost == 0 and self.bgtasks.duplicated == 0
 
 
-@contextlib.contextmanager
-def _holding_ctrl_c() -> Iterator[None]:
-    """Hold a Ctrl-C until the block ends: a process is never started without being recorded,
-    and clean-up is never cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)  # the default one raises KeyboardInterrupt
-        elif caught and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
-
-
 def _answers(url: str) -> bool:
     # Imported here, after bgtasks_cli.client, which keeps httpx from loading its own CLI.
     import httpx
@@ -127,7 +107,7 @@ class _Demo:
         self.pids: list[int] = []
 
     def __enter__(self) -> _Demo:
-        with _holding_ctrl_c():
+        with interrupts_deferred():
             self.root = Path(tempfile.mkdtemp(prefix="bgtasks-crash-demo-"))
         return self
 
@@ -137,7 +117,7 @@ class _Demo:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with _holding_ctrl_c():
+        with interrupts_deferred():
             for side in list(self.procs):
                 self.kill(side)
             if self.root is not None:
@@ -168,7 +148,7 @@ class _Demo:
             ready = f"{url}/health"
         env = {**os.environ, "BGTASKS_DATA_DIR": str(data_dir), "BGTASKS_DELAY": repr(self.delay)}
         again = " again" if side in self.urls else ""
-        with _holding_ctrl_c(), self.log_path(side).open("ab") as log:
+        with interrupts_deferred(), self.log_path(side).open("ab") as log:
             # Its own session, so that kill -9 of its group takes any worker with it; run in
             # the empty temporary directory, so that nothing there shadows the packages.
             self.procs[side] = proc = subprocess.Popen(

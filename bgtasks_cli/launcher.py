@@ -322,17 +322,3 @@ def _signals_seen() -> Iterator[set[int]]:
                 seen.update(data)
         reader.close()
         writer.close()
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C off until the block is done, then raise it: what the block starts (a
-    process, a directory) is recorded before the interrupt can unwind past it."""
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt

@@ -194,3 +194,22 @@ class Store(Protocol):
     ) -> list[tuple[str, str]]:
         """The event log's rows committed after `cursor` (and its own, if `inclusive`), oldest
         first, at most `limit`: (each one's cursor, its events encoded)."""
+
+
+def task_from_row(row: Any) -> TaskRecord:
+    """A task as either store reads it back (a `sqlite3.Row` or a dict: both index by name)."""
+    return TaskRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        seq=row["seq"],
+        file=row["file"],
+        line=row["line"],
+        queued_at=row["queued_at"],
+        status=TaskStatus(row["status"]),
+        started_at=row["started_at"],
+        last_error=row["last_error"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        data=row["line"].encode(),
+        pk=row["pk"],
+    )

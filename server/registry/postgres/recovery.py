@@ -10,8 +10,8 @@ from psycopg import AsyncConnection
 from server.records import TaskRecord
 from server.registry.claims import Claim
 from server.registry.postgres.statements import columns
-from server.registry.store import DeadOwnerWork
-from server.status import UNFINISHED, TaskStatus
+from server.registry.store import DeadOwnerWork, task_from_row
+from server.status import UNFINISHED
 
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
 
@@ -89,21 +89,3 @@ async def lost_lines(
         (owner, here),
     )
     return known, [task_from_row(row) for row in await cursor.fetchall()]
-
-
-def task_from_row(row: dict[str, Any]) -> TaskRecord:
-    return TaskRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        seq=row["seq"],
-        file=row["file"],
-        line=row["line"],
-        queued_at=row["queued_at"],
-        status=TaskStatus(row["status"]),
-        started_at=row["started_at"],
-        last_error=row["last_error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        data=row["line"].encode(),
-        pk=row["pk"],
-    )

@@ -31,7 +31,7 @@ from server.registry.postgres import queries, recovery
 from server.registry.postgres import statements as sql
 from server.registry.postgres.connection import LOCKS, connect, lock_key, shielded, translated
 from server.registry.postgres.schema import NAMESPACE, create_or_migrate
-from server.registry.store import Changes, DeadOwnerWork, StoreFault
+from server.registry.store import Changes, DeadOwnerWork, StoreFault, task_from_row
 from server.status import UNFINISHED, TaskStatus
 
 PRUNE_EVERY = 500
@@ -313,7 +313,7 @@ class PostgresStore:
         if row is None:
             return None
         names = [column.name for column in cursor.description or ()]
-        return recovery.task_from_row(dict(zip(names, row, strict=True)))
+        return task_from_row(dict(zip(names, row, strict=True)))
 
     async def end_recovery(
         self, owner: str, tasks: Sequence[TaskRecord], *, everywhere: bool = False

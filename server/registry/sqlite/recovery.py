@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from server.records import TaskRecord
 from server.registry.claims import Claim
-from server.registry.store import DeadOwnerWork
-from server.status import UNFINISHED, TaskStatus
+from server.registry.store import DeadOwnerWork, task_from_row
+from server.status import UNFINISHED
 
 _UNFINISHED = ", ".join(f"'{status}'" for status in sorted(UNFINISHED))
 
@@ -99,21 +99,3 @@ def requeue(conn: sqlite3.Connection, task_id: str, owner: str) -> TaskRecord | 
         (owner, task_id),
     ).fetchone()
     return None if row is None else task_from_row(row)
-
-
-def task_from_row(row: sqlite3.Row) -> TaskRecord:
-    return TaskRecord(
-        id=row["id"],
-        request_id=row["request_id"],
-        seq=row["seq"],
-        file=row["file"],
-        line=row["line"],
-        queued_at=row["queued_at"],
-        status=TaskStatus(row["status"]),
-        started_at=row["started_at"],
-        last_error=row["last_error"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        data=row["line"].encode(),
-        pk=row["pk"],
-    )
