@@ -1,17 +1,24 @@
 """Helpers for the registry's tests: a registry on SQLite, rows written as a dead owner left
-them, and a fresh start that recovers them."""
+them, and a fresh start that recovers them; a registry on PostgreSQL, and what a `kill -9`
+after a claim leaves there."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 from server.paths import registry_path
 from server.records import RequestRecord, TaskRecord
 from server.registry import Registry, SqliteStore
+from server.registry.claims import place_lines
+from server.registry.files import DataFiles
+from server.registry.postgres import PostgresStore
 from server.registry.sqlite.schema import SCHEMA, SCHEMA_VERSION
+from server.registry.store import Changes
 from server.retries import RetryPolicy
 from server.runner import TaskRunner
 from server.status import UNFINISHED
@@ -131,3 +138,56 @@ def one_line_request(request_id: str, line: str, file: str = "log.txt") -> Reque
     task = TaskRecord(f"{request_id}-t", request_id, 0, file, line, 1.0, data=line.encode())
     request.tasks.append(task)
     return request
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def pg_registry(url: str, data_dir: Path, owner: str) -> Registry:
+    store = PostgresStore(url, data_dir, retention=10_000)
+    return Registry(data_dir, owner=owner, store=store, lock_timeout=5.0)
+
+
+def two_tasks(request_id: str, label: str) -> RequestRecord:
+    """A notification's request: its `found query` task, then its `message to` task."""
+    request = RequestRecord(request_id, "POST", "/send-notification", time.time())
+    for seq, line in enumerate([f"found query: {label}\n", f"message to {label}@example.com\n"]):
+        request.tasks.append(
+            TaskRecord(
+                f"{request_id}-{seq + 1}",
+                request_id,
+                seq,
+                "log.txt",
+                line,
+                time.time(),
+                data=line.encode(),
+            )
+        )
+    return request
+
+
+async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
+    """What a `kill -9` between a claim's commit and its write leaves: the claim committed,
+    not a byte of its line written, the owner's sessions (and its lock) gone."""
+    files = DataFiles(registry.data_dir)
+    _, inode, size = await files.lock(task.file)
+    try:
+        place_lines([task], inode, size)
+        await registry.store.commit(Changes(), [[task]], [])
+    finally:
+        files.close()
+    assert registry._watcher is not None
+    registry._watcher.cancel()
+    store = registry.store
+    assert isinstance(store, PostgresStore)
+    for conn in (store._conn, store._reader):
+        assert conn is not None
+        await conn.close()
+    registry._files.close()
+    assert registry._owner_fd is not None
+    os.close(registry._owner_fd)  # the kernel drops a killed process's owner lock
+
+
+def a_log(data_dir: Path) -> bytes:
+    path = data_dir / "log.txt"
+    return path.read_bytes() if path.exists() else b""

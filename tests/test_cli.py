@@ -15,16 +15,19 @@ from typing import Any
 from unittest.mock import patch
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from bgtasks_cli import launcher
-from bgtasks_cli.cli import app
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from bgtasks_cli.state import DEFAULT_URL, ServerState, resolve_url, state_file, write_state
 from server import __version__
+from tests.cli_helpers import (
+    fire_json,
+    invoke,
+    picture_row,
+)
 from tests.helpers import LiveServer, free_port
 
-ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
 COMMANDS = ("notify", "readme", "tail", "tasks", "timeline", "retry", "cancel", "serve", "demo")
 VERDICT = re.compile(r"✓ response returned ([\d,]+) ms before the last write finished")
 OUTCOME_FIELDS = {
@@ -59,10 +62,6 @@ TASK_FIELDS = {
 }
 
 
-def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(app, list(args), env={**ENV, **(env or {})})
-
-
 def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if "Error:" in line]
 
@@ -75,13 +74,6 @@ def assert_clean_error(result: Result, code: int) -> str:
     lines = error_lines(result.output)
     assert len(lines) == 1, result.output
     return lines[0]
-
-
-def fire_json(live: LiveServer, *args: str) -> dict[str, Any]:
-    result = invoke(*args, "--json", "--url", live.url)
-    assert result.exit_code == 0, result.output
-    document: dict[str, Any] = json.loads(result.stdout)
-    return document
 
 
 # --- global options --------------------------------------------------------------------------
@@ -111,11 +103,6 @@ def test_top_level_help_lists_every_command() -> None:
 
 
 # --- notify ----------------------------------------------------------------------------------
-
-
-def picture_row(out: str, label: str) -> str:
-    """The line of the timeline picture for the row labelled `label`."""
-    return next(line for line in out.splitlines() if line.startswith(label + " "))
 
 
 def test_notify_prints_response_tasks_picture_and_verdict(

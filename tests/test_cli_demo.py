@@ -14,9 +14,15 @@ import pytest
 
 from bgtasks_cli import crash_demo
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_USAGE
-from tests.test_cli import invoke
-from tests.test_cli_e2e import HAS_PROC, assert_one_error_line, cli, cli_env, processes_mentioning
-from tests.test_crash_demo import fixed_report
+from tests.cli_helpers import (
+    HAS_PROC,
+    assert_one_error_line,
+    cli,
+    cli_env,
+    fixed_report,
+    invoke,
+    processes_mentioning,
+)
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")

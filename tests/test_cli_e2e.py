@@ -5,142 +5,33 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
-import sys
-import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any
 
 import pytest
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_SERVE, EXIT_UNREACHABLE, EXIT_USAGE
+from tests.cli_helpers import (
+    HAS_PROC,
+    RED_ERROR,
+    RUN_TIMEOUT,
+    WAIT,
+    Lines,
+    assert_one_error_line,
+    cli,
+    cli_env,
+    cli_popen,
+    heavy_modules_loaded,
+    processes_mentioning,
+)
+from tests.cli_helpers import popen_cleanup as popen_cleanup  # a fixture
 from tests.helpers import LiveServer, ServerProcess, free_port, wait_until
 
-WAIT = 15.0
-RUN_TIMEOUT = 60.0
-HAS_PROC = Path("/proc/self/fd").is_dir()
-RED_ERROR = "\x1b[1;31mError:\x1b[0m"
 TAIL_FIELDS = {"at", "backlog", "source", "kind", "text", "request_id", "task_id"}
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **extra}
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = RUN_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
-    """Run `python -m bgtasks_cli ARGS` to completion (bounded)."""
-    return subprocess.run(
-        [sys.executable, "-m", "bgtasks_cli", *args],
-        capture_output=True,
-        text=True,
-        env=env or cli_env(),
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-    )
-
-
-def cli_popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bgtasks_cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env or cli_env(),
-    )
-
-
-def assert_one_error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if "Error:" in line]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-class Lines:
-    """Reads a stream's lines in a thread so the test can wait for them with a bound; closes
-    the stream at its end (nothing else may read or close it meanwhile)."""
-
-    reading: ClassVar[weakref.WeakSet[IO[str]]] = weakref.WeakSet()
-    """The streams some Lines reads (and will close): popen_cleanup closes the others."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        Lines.reading.add(stream)
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        with stream:
-            for line in stream:
-                self._queue.put(line)
-        self._queue.put(None)
-
-    def until(self, match: Callable[[str], bool], timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"no matching line within {timeout} s; saw {self.seen}"
-                ) from None
-            if line is None:
-                raise AssertionError(f"stream ended without a matching line; saw {self.seen}")
-            self.seen.append(line)
-            if match(line):
-                return line
-
-    def rest(self, timeout: float = WAIT) -> list[str]:
-        """Everything until the stream ends."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "stream did not end"
-        while (line := self._queue.get_nowait()) is not None:
-            self.seen.append(line)
-        return self.seen
-
-
-@pytest.fixture
-def popen_cleanup() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes started by a test; any still running afterwards are killed, and their pipes
-    that no Lines reads are closed."""
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None and pipe not in Lines.reading:
-                pipe.close()
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes (other than this one) that mention `text`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = next(
-                (line for line in (entry / "status").read_text().splitlines() if "State:" in line),
-                "",
-            )
-        except OSError:
-            continue
-        if text in cmdline and "zombie" not in state:
-            found.append(cmdline)
-    return found
 
 
 def open_files(pid: int) -> set[str]:
@@ -167,28 +58,8 @@ def test_module_entry_point_help() -> None:
     assert version.returncode == 0 and version.stdout.startswith("bgtasks ")
 
 
-# Start-up time is mostly imports: the client commands must not load the server's stack
-# (fastapi, uvicorn), pydantic (Typer >= 0.29 converts options through it unless the CLI hands
-# it plain converters, bgtasks_cli/coercion.py) or click and pygments (Typer < 0.26 imports
-# click; httpx imports its own command line when click is installed).
-HEAVY = ["fastapi", "uvicorn", "pydantic", "click", "pygments"]
-
-
-def heavy_modules_loaded(args: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run the command in a fresh interpreter; its exit code and the heavy modules it loaded."""
-    code = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from bgtasks_cli.cli import app\n"
-        f"result = CliRunner().invoke(app, {args!r})\n"
-        f"print(result.exit_code, *[m for m in {HEAVY!r} if m in sys.modules])\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    exit_code, *loaded = result.stdout.split()
-    return int(exit_code), loaded
+# Start-up time is mostly imports: which modules the client commands must not load, and why,
+# is HEAVY in tests/cli_helpers.py.
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,8 @@ from bgtasks_cli import operators
 from bgtasks_cli.client import Client
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from server.status import ENDED
+from tests.cli_helpers import Canned, assert_one_error_line, cli, cli_env, http_server
 from tests.helpers import LiveServer, free_port, wait_until
-from tests.test_cli_e2e import assert_one_error_line, cli, cli_env
-from tests.test_cli_servers import Canned, http_server
 
 HEADING = "\n## {} 框架精讲"
 TOKEN = "s3cret-token-of-16+"

@@ -17,7 +17,7 @@ from bgtasks_cli.errors import EXIT_FAILED, EXIT_USAGE
 from server.config import Settings
 from tests.helpers import LiveServer, serve_in_thread, wait_until
 from tests.postgres import fresh_database
-from tests.test_postgres import a_log, die_after_claiming, pg_registry, two_tasks
+from tests.registry_helpers import a_log, die_after_claiming, pg_registry, two_tasks
 
 ENV = {"COLUMNS": "160", "NO_COLOR": "1", "TERM": "dumb"}
 

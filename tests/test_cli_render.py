@@ -14,57 +14,22 @@ import pytest
 from rich.console import Console, RenderableType
 
 from bgtasks_cli import render, tasks_table
-from bgtasks_cli.client import Fired, Outcome
 from bgtasks_cli.tailer import TailEvent
 from server.status import TaskStatus
+from tests.cli_helpers import (
+    IDS,
+    SAME_TIME,
+    at,
+    outcome,
+    task,
+)
 from tests.helpers import LiveServer
-
-T0 = 1_790_000_000.0  # a fixed moment; every stamp below is T0 plus milliseconds
-# Request ids as the server makes them: 16 hex digits of time_ns, then 16 random ones.
-SAME_TIME = "18ed3dec9a1b2c3d"
-IDS = [SAME_TIME + end for end in ("4cddc3acb6faf602", "0b4f1e2d3c4b5a69", "77e3a1c0de5f4a21")]
-
-
-def at(ms: float) -> float:
-    return T0 + ms / 1000
 
 
 def show(renderable: RenderableType, width: int = 120) -> str:
     console = Console(width=width, record=True, color_system=None, highlight=False)
     console.print(renderable)
     return console.export_text()
-
-
-def task(seq: int, **fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": f"a1b2c3d4-{seq + 1}",
-        "request_id": IDS[0],
-        "seq": seq,
-        "file": "log.txt",
-        "line": f"line {seq + 1}\n",
-        "status": TaskStatus.DONE.value,
-        "queued_at": at(2),
-        "started_at": None,
-        "finished_at": None,
-        "last_error": None,
-    }
-    return {**base, **fields}
-
-
-def outcome(
-    *, sent: float, received: float, record: dict[str, Any], request_id: str = IDS[0]
-) -> Outcome:
-    fired = Fired(
-        method="POST",
-        path="/send-notification/a@example.com",
-        url="http://127.0.0.1:8000/send-notification/a@example.com",
-        status=200,
-        body={"message": "Message sent"},
-        request_id=request_id,
-        client_sent_at=sent,
-        client_received_at=received,
-    )
-    return Outcome(fired, {"id": request_id, **record})
 
 
 def timeline_rows(text: str) -> list[tuple[str, str]]:

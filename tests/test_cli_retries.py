@@ -17,10 +17,9 @@ from rich.console import Console, RenderableType
 
 from bgtasks_cli import attempts, render, tasks_table
 from bgtasks_cli.errors import EXIT_FAILED
+from tests.cli_helpers import RUN_TIMEOUT, Lines, at, cli, cli_env, cli_popen, outcome, task
+from tests.cli_helpers import popen_cleanup as popen_cleanup  # a fixture
 from tests.helpers import LiveServer, wait_until
-from tests.test_cli_e2e import RUN_TIMEOUT, Lines, cli, cli_env, cli_popen
-from tests.test_cli_e2e import popen_cleanup as popen_cleanup  # a fixture
-from tests.test_cli_render import at, outcome, task
 
 ATTEMPT = re.compile(r"^ +attempt (\d+) failed: (.*); the next (in \d+ ms|in [\d.]+ s|.*)$")
 FAULT = "NotARegularFile: log.txt is a directory, not a regular file"

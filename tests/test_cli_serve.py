@@ -21,8 +21,7 @@ import pytest
 
 from bgtasks_cli.demo_server import DemoServer
 from bgtasks_cli.errors import EXIT_SERVE, ServeError
-from tests.helpers import ServerProcess, free_port, wait_until
-from tests.test_cli_e2e import (
+from tests.cli_helpers import (
     HAS_PROC,
     Lines,
     assert_one_error_line,
@@ -30,6 +29,7 @@ from tests.test_cli_e2e import (
     cli_env,
     processes_mentioning,
 )
+from tests.helpers import ServerProcess, free_port, wait_until
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 

@@ -10,17 +10,25 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
+from tests.cli_helpers import (
+    REQUEST_ID,
+    Canned,
+    Lines,
+    assert_one_error_line,
+    cli,
+    cli_env,
+    cli_popen,
+    http_server,
+)
+from tests.cli_helpers import popen_cleanup as popen_cleanup  # a fixture
 from tests.helpers import ServerProcess
-from tests.test_cli_e2e import Lines, assert_one_error_line, cli, cli_env, cli_popen
-from tests.test_cli_e2e import popen_cleanup as popen_cleanup  # a fixture
 
 CLIENT_COMMANDS = [
     ("notify", "x@example.com"),
@@ -28,47 +36,6 @@ CLIENT_COMMANDS = [
     ("tasks",),
     ("tasks", "--json"),
 ]
-REQUEST_ID = "18ed3dec9a1b2c3d4cddc3acb6faf602"
-
-
-@contextmanager
-def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A plain HTTP server on a free loopback port, in a thread; its URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-class Canned(BaseHTTPRequestHandler):
-    """Answers every request with one fixed response; subclasses say which."""
-
-    status = 200
-    content_type = "text/html"
-    body = b"<!DOCTYPE html>\n<html>\n<body>\n<h1>Welcome</h1>\n</body>\n</html>\n"
-    request_id: str | None = None
-
-    def answer(self, status: int, content_type: str, body: bytes, tagged: bool) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if tagged:
-            self.send_header("X-Request-ID", REQUEST_ID)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self.answer(self.status, self.content_type, self.body, self.request_id is not None)
-
-    do_POST = do_GET
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 class HtmlOk(Canned):

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from bgtasks_cli import launcher
 from bgtasks_cli.cli import app
 from bgtasks_cli.errors import EXIT_USAGE
+from tests.cli_helpers import RED_ERROR, assert_one_error_line, cli, cli_env
 from tests.helpers import ServerProcess, free_port, wait_until
-from tests.test_cli_e2e import RED_ERROR, assert_one_error_line, cli, cli_env
 
 BAD_SETTINGS = [
     ("BGTASKS_RETENTION", "abc", "valid integer"),

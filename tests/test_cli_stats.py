@@ -16,15 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE
 from bgtasks_cli.scrapes import NotMetrics, compare, parse, quantile
-from tests.helpers import LiveServer, ServerProcess, wait_until
-from tests.loadgen import post_concurrently
-from tests.test_cli_e2e import (
+from tests.cli_helpers import (
     assert_one_error_line,
     cli,
     cli_env,
     cli_popen,
     heavy_modules_loaded,
 )
+from tests.helpers import LiveServer, ServerProcess, wait_until
+from tests.loadgen import post_concurrently
 
 # -- the arithmetic ---------------------------------------------------------------------------
 

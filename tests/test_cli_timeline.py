@@ -14,9 +14,8 @@ import httpx
 from rich.cells import cell_len
 
 from bgtasks_cli.errors import EXIT_FAILED, EXIT_USAGE
+from tests.cli_helpers import assert_one_error_line, cli, cli_env, fire_json, invoke, picture_row
 from tests.helpers import LiveServer, wait_until
-from tests.test_cli import fire_json, invoke, picture_row
-from tests.test_cli_e2e import assert_one_error_line, cli, cli_env
 
 
 def record_of(live: LiveServer, request_id: str) -> dict[str, Any]:

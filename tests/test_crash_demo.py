@@ -9,24 +9,21 @@ import contextlib
 import io
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
 
 import pytest
 from rich.console import Console
 
 from bgtasks_cli import crash_demo
 from bgtasks_cli.errors import InvalidInput, ServeError
+from tests.cli_helpers import Lines, fixed_report
 
 HAS_PROC = Path("/proc/self/fd").is_dir()
 pytestmark = pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")
@@ -174,7 +171,7 @@ def test_ctrl_c_mid_demo_leaves_nothing_behind(scratch: Path, moment: str) -> No
     assert proc.stdout is not None and proc.stderr is not None
     progress = Lines(proc.stderr)
     try:
-        progress.until(moment)
+        progress.until(lambda line: moment in line, timeout=60.0)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == INTERRUPTED
         assert proc.stdout.read() == ""  # no report of a demo cut short
@@ -182,48 +179,12 @@ def test_ctrl_c_mid_demo_leaves_nothing_behind(scratch: Path, moment: str) -> No
         proc.kill()
         proc.wait(timeout=10)
         proc.stdout.close()  # stderr: Lines closes it at its end
-    err = progress.rest()
+    err = "".join(progress.rest(timeout=30.0))
     assert "Traceback" not in err
     assert err.rstrip().endswith(
         "interrupted: every server the demo started is stopped and its files removed"
     )
     assert_nothing_left(scratch, pids_in(err))
-
-
-class Lines:
-    """A stream's lines, read in a thread so that the test can wait for one with a bound."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        with stream:  # its reader closes it
-            for line in stream:
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def until(self, text: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {text!r} within {timeout} s: {self.seen}") from None
-            if line is None:
-                raise AssertionError(f"the stream ended before {text!r}: {self.seen}")
-            self.seen.append(line)
-            if text in line:
-                return
-
-    def rest(self, timeout: float = 30.0) -> str:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the stream did not end"
-        while (line := self._lines.get_nowait()) is not None:
-            self.seen.append(line)
-        return "".join(self.seen)
 
 
 def test_a_server_that_does_not_start_is_one_error_and_leaves_nothing(
@@ -252,18 +213,6 @@ def test_bad_arguments_are_refused_before_anything_starts(
     with pytest.raises(InvalidInput):
         crash_demo.run(delay=delay, notifications=notifications)
     assert list(scratch.iterdir()) == []
-
-
-def fixed_report() -> crash_demo.CrashReport:
-    lines = ["found query: note 1\n", "message to user1@example.com\n"]
-    return crash_demo.CrashReport(
-        delay=1.0,
-        notifications=1,
-        killed_after=0.0412,
-        plain=crash_demo.Side(2, 0, 2, 0, 0, tuple(lines)),
-        bgtasks=crash_demo.Side(2, 2, 0, 0, 0, (), recovered=2),
-        pids=(11, 12, 13, 14),
-    )
 
 
 def test_the_report_as_json_and_as_a_table() -> None:

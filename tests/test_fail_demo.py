@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from bgtasks_cli import fail_demo
+from tests.cli_helpers import HAS_PROC, Lines, cli_env, processes_mentioning
 from tests.helpers import wait_until
-from tests.test_cli_e2e import HAS_PROC, Lines, cli_env, processes_mentioning
 
 pytestmark = pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")
 RUN_TIMEOUT = 120.0

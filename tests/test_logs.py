@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from bgtasks_cli.errors import EXIT_USAGE
+from tests.cli_helpers import assert_one_error_line, cli, cli_env
 from tests.helpers import ServerProcess, free_port, wait_until
-from tests.test_cli_e2e import assert_one_error_line, cli, cli_env
 
 
 def json_lines(server: ServerProcess) -> list[dict[str, Any]]:

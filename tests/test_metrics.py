@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bgtasks_cli.errors import EXIT_SERVE
 from server.config import Settings
 from server.metrics import metrics_dir
+from tests.cli_helpers import assert_one_error_line, cli
 from tests.helpers import LiveServer, ServerProcess, free_port, serve_in_thread, wait_until
 from tests.loadgen import post_concurrently
-from tests.test_cli_e2e import assert_one_error_line, cli
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 DONE = ("bgtasks_tasks_total", frozenset({("file", "log.txt"), ("status", "done")}))

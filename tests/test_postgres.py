@@ -5,7 +5,6 @@ and a process cut off from the database never writes a task it no longer owns.""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -18,15 +17,13 @@ import pytest
 
 from server.records import RequestRecord, TaskRecord
 from server.registry import Registry, RegistryError, StoreBusy
-from server.registry.claims import place_lines
-from server.registry.files import DataFiles
 from server.registry.postgres import PostgresStore
 from server.registry.recovery import recover_dead_owners
 from server.registry.store import Changes
 from server.status import TaskStatus
 from tests.helpers import ServerProcess, spawn_server, wait_until
 from tests.postgres import fresh_database
-from tests.registry_helpers import append
+from tests.registry_helpers import a_log, append, die_after_claiming, pg_registry, two_tasks
 
 LINE = re.compile(rb"found query: r(\d+)\n|message to r(\d+)@example\.com\n")
 
@@ -37,11 +34,6 @@ def database() -> Iterator[str]:
         yield url
 
 
-def pg_registry(url: str, data_dir: Path, owner: str) -> Registry:
-    store = PostgresStore(url, data_dir, retention=10_000)
-    return Registry(data_dir, owner=owner, store=store, lock_timeout=5.0)
-
-
 def one_task(request_id: str, line: str) -> RequestRecord:
     request = RequestRecord(request_id, "POST", "/x", time.time())
     request.tasks.append(
@@ -50,46 +42,6 @@ def one_task(request_id: str, line: str) -> RequestRecord:
         )
     )
     return request
-
-
-def two_tasks(request_id: str, label: str) -> RequestRecord:
-    """A notification's request: its `found query` task, then its `message to` task."""
-    request = RequestRecord(request_id, "POST", "/send-notification", time.time())
-    for seq, line in enumerate([f"found query: {label}\n", f"message to {label}@example.com\n"]):
-        request.tasks.append(
-            TaskRecord(
-                f"{request_id}-{seq + 1}",
-                request_id,
-                seq,
-                "log.txt",
-                line,
-                time.time(),
-                data=line.encode(),
-            )
-        )
-    return request
-
-
-async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
-    """What a `kill -9` between a claim's commit and its write leaves: the claim committed,
-    not a byte of its line written, the owner's sessions (and its lock) gone."""
-    files = DataFiles(registry.data_dir)
-    _, inode, size = await files.lock(task.file)
-    try:
-        place_lines([task], inode, size)
-        await registry.store.commit(Changes(), [[task]], [])
-    finally:
-        files.close()
-    assert registry._watcher is not None
-    registry._watcher.cancel()
-    store = registry.store
-    assert isinstance(store, PostgresStore)
-    for conn in (store._conn, store._reader):
-        assert conn is not None
-        await conn.close()
-    registry._files.close()
-    assert registry._owner_fd is not None
-    os.close(registry._owner_fd)  # the kernel drops a killed process's owner lock
 
 
 def rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -315,11 +267,6 @@ def servers() -> Iterator[list[ServerProcess]]:
         if server.proc.poll() is None:
             server.proc.kill()
         server.proc.wait(timeout=10)
-
-
-def a_log(data_dir: Path) -> bytes:
-    path = data_dir / "log.txt"
-    return path.read_bytes() if path.exists() else b""
 
 
 def owner_of(server: ServerProcess, request_id: str) -> str:
