@@ -5,6 +5,7 @@ after a claim leaves there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -176,8 +177,11 @@ async def die_after_claiming(registry: Registry, task: TaskRecord) -> None:
         await registry.store.commit(Changes(), [[task]], [])
     finally:
         files.close()
-    assert registry._watcher is not None
-    registry._watcher.cancel()
+    for watcher in (registry._watcher, registry._listening):  # a dead process looks no more
+        assert watcher is not None
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     store = registry.store
     assert isinstance(store, PostgresStore)
     for conn in (store._conn, store._reader):
