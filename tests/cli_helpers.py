@@ -296,3 +296,13 @@ def fixed_report() -> crash_demo.CrashReport:
         bgtasks=crash_demo.Side(2, 2, 0, 0, 0, (), recovered=2),
         pids=(11, 12, 13, 14),
     )
+
+
+def run_to_the_end(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """A demo's stdout and stderr once it exits (killed after `timeout` seconds)."""
+    with proc:  # its pipes closed, and waited for
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            proc.kill()
+    return out, err

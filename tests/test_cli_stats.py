@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.server
 import json
 import signal
-import threading
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -22,6 +21,7 @@ from tests.cli_helpers import (
     cli_env,
     cli_popen,
     heavy_modules_loaded,
+    http_server,
 )
 from tests.helpers import LiveServer, ServerProcess, wait_until
 from tests.loadgen import post_concurrently
@@ -203,15 +203,8 @@ def not_bgtasks() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with http_server(Handler) as url:
+        yield url
 
 
 def test_stats_against_something_else(not_bgtasks: str) -> None:

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from bgtasks_cli import crash_demo
 from bgtasks_cli.errors import InvalidInput, ServeError
-from tests.cli_helpers import Lines, fixed_report
+from tests.cli_helpers import Lines, fixed_report, run_to_the_end
 
 HAS_PROC = Path("/proc/self/fd").is_dir()
 pytestmark = pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")
@@ -44,15 +44,6 @@ def crash_demo_cli(scratch: Path, *args: str, columns: int = 200) -> subprocess.
         text=True,
         env=env,
     )
-
-
-def run_to_the_end(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    with proc:  # its pipes closed, and waited for
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-        finally:
-            proc.kill()
-    return out, err
 
 
 def killed_after(progress: str) -> float:
@@ -113,7 +104,7 @@ def test_plain_background_tasks_lose_acknowledged_lines_and_bgtasks_loses_none(
     scratch: Path,
 ) -> None:
     proc = crash_demo_cli(scratch, "--json")
-    out, err = run_to_the_end(proc)
+    out, err = run_to_the_end(proc, RUN_TIMEOUT)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     # Only the JSON document on stdout; the progress went to stderr.
@@ -142,7 +133,7 @@ def table_row(out: str, label: str) -> list[str]:
 
 def test_the_report_as_a_table_at_80_columns(scratch: Path) -> None:
     proc = crash_demo_cli(scratch, columns=80)
-    out, err = run_to_the_end(proc)
+    out, err = run_to_the_end(proc, RUN_TIMEOUT)
     assert proc.returncode == 0, err
     assert err == ""
     assert all(len(line) <= 80 for line in out.splitlines()), out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bgtasks_cli import fail_demo
-from tests.cli_helpers import HAS_PROC, Lines, cli_env, processes_mentioning
+from tests.cli_helpers import HAS_PROC, Lines, cli_env, processes_mentioning, run_to_the_end
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.skipif(not HAS_PROC, reason="needs /proc to look for leftover processes")
@@ -37,15 +37,6 @@ def demo(scratch: Path, *args: str, columns: int = 80) -> subprocess.Popen[str]:
         text=True,
         env=cli_env(TMPDIR=str(scratch), COLUMNS=str(columns)),
     )
-
-
-def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    with proc:  # its pipes closed, and waited for
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-        finally:
-            proc.kill()
-    return out, err
 
 
 @pytest.fixture
@@ -73,7 +64,7 @@ def positions(out: str, *patterns: str) -> list[int]:
 
 
 def test_the_fault_is_shown_failing_then_removed_and_the_task_heals(scratch: Path) -> None:
-    out, err = finish(proc := demo(scratch))
+    out, err = run_to_the_end(proc := demo(scratch), RUN_TIMEOUT)
     assert proc.returncode == 0, out + err
     assert err == ""
     assert all(len(line) <= 80 for line in out.splitlines()), out
@@ -102,7 +93,7 @@ def test_the_fault_is_shown_failing_then_removed_and_the_task_heals(scratch: Pat
 
 
 def test_json_is_one_document_of_what_the_demo_did(scratch: Path) -> None:
-    out, err = finish(proc := demo(scratch, "--json"))
+    out, err = run_to_the_end(proc := demo(scratch, "--json"), RUN_TIMEOUT)
     assert proc.returncode == 0, err
     assert out.count("\n") == 1, out
     report = json.loads(out)
@@ -128,7 +119,7 @@ def test_json_is_one_document_of_what_the_demo_did(scratch: Path) -> None:
 
 
 def test_table_shows_the_attempts_as_events(scratch: Path) -> None:
-    out, err = finish(proc := demo(scratch, "--table", columns=120))
+    out, err = run_to_the_end(proc := demo(scratch, "--table", columns=120), RUN_TIMEOUT)
     assert proc.returncode == 0, out + err
     events = re.findall(r"│ (task 1 [^│]*?) +│", out)
     tried = int(events[-2].split()[3])  # the attempt that wrote: "task 1 try N started"
